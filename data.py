@@ -1,0 +1,940 @@
+"""Data for Personalized RLHF: from text files to padded tensors.
+
+Implements the "Data" and "Personalized LM" sections of PAPER.md (Li, Zhou, Lipton, Leqi,
+*Personalized Language Modeling from Personalized Human Feedback*, arXiv 2402.05133):
+personalized preference tuples (u, x, y_w, y_l) and the sequence layouts
+
+    policy:     [BOS] [user text, if any] [prompt] [response] [EOS]   (prlhf.py inserts e_u after BOS)
+    reference:  [BOS] [prompt] [response] [EOS]                       (never sees user information)
+
+In reading order:
+  1. Tokenizer      load_tokenizer, train_bpe_tokenizer (a thin wrapper over the `tokenizers` library)
+  2. Pairs          one JSON object per line: {"user", "prompt", "chosen", "rejected"[, "user_text", "group"]}
+  3. Tokenization   tokenize_pairs, with the truncation policy stated in its docstring
+  4. Batching       make_batches: length-bucketed, seeded, shardable
+  5. Collate        collate_pairs (P-DPO / P-RM) and collate_sft (supervised fine-tuning)
+  6. Converters     the paper's TL;DR "conflicting length preferences" task and P-SOUPS, from local files
+  7. Toy task       a synthetic 70/30 length-preference task that needs no download
+  8. Command line   python data.py {check,toy,tldr,psoups} ...
+
+Only `tokenizers`, `numpy` and `torch` are used; nothing here touches the network.
+"""
+
+import argparse
+import json
+import os
+import random
+import re
+import sys
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer as BackendTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+
+class DataError(ValueError):
+    """A problem with an input file, stated in one line: `FILE:LINE: what is wrong and what would work`."""
+
+
+# ----------------------------------------------------------------------------------------------------
+# 1. Tokenizer
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Tokenizer:
+    """Text <-> token ids. `encode` adds no special tokens: BOS and EOS are placed by this module."""
+
+    backend: BackendTokenizer
+    bos_id: int
+    eos_id: int
+    pad_id: int
+
+    @property
+    def vocab_size(self) -> int:
+        return self.backend.get_vocab_size(with_added_tokens=True)
+
+    def encode(self, text: str) -> list[int]:
+        return self.backend.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.backend.decode(list(ids), skip_special_tokens=True)
+
+    def save(self, directory: str | os.PathLike) -> None:
+        """Write tokenizer.json and tokenizer_config.json; `load_tokenizer` and Hugging Face
+        `AutoTokenizer.from_pretrained(directory)` both reopen them."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.backend.save(str(directory / "tokenizer.json"))
+        config = {
+            "tokenizer_class": "PreTrainedTokenizerFast",
+            "bos_token": self.backend.id_to_token(self.bos_id),
+            "eos_token": self.backend.id_to_token(self.eos_id),
+            "pad_token": self.backend.id_to_token(self.pad_id),
+            # Hugging Face would otherwise "clean up" spaces on decode and disagree with `decode` above.
+            "clean_up_tokenization_spaces": False,
+        }
+        _write_atomically(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+
+
+def _read_json_if_present(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            value = json.load(f)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _special_token_id(directory: Path, backend: BackendTokenizer, name: str) -> int | None:
+    """Id of special token `name` ("bos", "eos" or "pad"), looked up in the order Hugging Face
+    checkpoints state it: token strings first, then numeric ids. None if no file names it."""
+    for filename in ("tokenizer_config.json", "special_tokens_map.json"):
+        value = _read_json_if_present(directory / filename).get(f"{name}_token")
+        if isinstance(value, dict):  # e.g. {"content": "<s>", "lstrip": false, ...}
+            value = value.get("content")
+        if isinstance(value, str):
+            token_id = backend.token_to_id(value)
+            if token_id is None:
+                raise DataError(
+                    f"{directory / filename}: {name}_token {value!r} is not in tokenizer.json's vocabulary"
+                )
+            return token_id
+    for filename in ("config.json", "generation_config.json"):
+        value = _read_json_if_present(directory / filename).get(f"{name}_token_id")
+        if isinstance(value, list):  # e.g. Llama 3: "eos_token_id": [128001, 128009]
+            value = value[0] if value else None
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def load_tokenizer(checkpoint_dir: str | os.PathLike) -> Tokenizer:
+    """Load `checkpoint_dir/tokenizer.json` and its special-token ids.
+
+    BOS, EOS and pad are read from tokenizer_config.json (`bos_token`, ... as a string or a
+    {"content": ...} dict), else special_tokens_map.json, else the `*_token_id` fields of
+    config.json or generation_config.json (a list means its first id).
+    Pad falls back to EOS (padding is never scored, so any id works); BOS falls back to EOS too,
+    as in GPT-2 and Qwen, whose sequences start with their end-of-text token.
+    """
+    directory = Path(checkpoint_dir)
+    path = directory / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(
+            f"{path} not found: prlhf reads the fast-tokenizer file tokenizer.json. If the checkpoint has "
+            f"only a sentencepiece model, write one once with transformers: "
+            f"AutoTokenizer.from_pretrained(dir).save_pretrained(dir)"
+        )
+    backend = BackendTokenizer.from_file(str(path))
+    eos_id = _special_token_id(directory, backend, "eos")
+    if eos_id is None:
+        raise DataError(
+            f"{directory}: no end-of-sequence token found; give eos_token in tokenizer_config.json "
+            f"or eos_token_id in config.json"
+        )
+    bos_id = _special_token_id(directory, backend, "bos")
+    pad_id = _special_token_id(directory, backend, "pad")
+    return Tokenizer(
+        backend=backend,
+        bos_id=eos_id if bos_id is None else bos_id,
+        eos_id=eos_id,
+        pad_id=eos_id if pad_id is None else pad_id,
+    )
+
+
+def train_bpe_tokenizer(
+    texts: Sequence[str], vocab_size: int, out_dir: str | os.PathLike | None = None
+) -> Tokenizer:
+    """Train a small byte-level BPE tokenizer (GPT-2 style) on `texts`; deterministic for given texts.
+
+    Special tokens get ids 0, 1, 2: `<s>` (BOS), `</s>` (EOS), `<pad>`. All 256 byte symbols are in
+    the vocabulary, so any text can be encoded, and `vocab_size` must exceed 259.
+    Saved to `out_dir` when given.
+    """
+    specials = ["<s>", "</s>", "<pad>"]
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size <= len(alphabet) + len(specials):
+        raise ValueError(
+            f"vocab_size {vocab_size} leaves no room for merges: a byte-level BPE needs more than "
+            f"{len(alphabet) + len(specials)} (256 bytes + 3 special tokens)"
+        )
+    backend = BackendTokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=specials, initial_alphabet=alphabet, show_progress=False
+    )
+    backend.train_from_iterator(list(texts), trainer=trainer)
+    tokenizer = Tokenizer(backend=backend, bos_id=0, eos_id=1, pad_id=2)
+    if out_dir is not None:
+        tokenizer.save(out_dir)
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------------
+# 2. Preference pairs as JSON Lines
+# ----------------------------------------------------------------------------------------------------
+
+PAIR_FIELDS = ("user", "prompt", "chosen", "rejected")
+OPTIONAL_PAIR_FIELDS = ("user_text", "group")
+
+
+@dataclass
+class Pair:
+    """User `user` preferred `chosen` (y_w) over `rejected` (y_l) for `prompt` (x).
+
+    `user_text` is explicit information about the user (optional); `group` is a label for reports only.
+    """
+
+    user: str
+    prompt: str
+    chosen: str
+    rejected: str
+    user_text: str | None = None
+    group: str | None = None
+
+
+def _read_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line; raise DataError at the first bad line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                    f"each line must hold one complete JSON object"
+                ) from None
+            if not isinstance(value, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object {{...}}, got a {_json_type(value)}")
+            yield lineno, value
+
+
+def _json_type(value) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+def _pair_from_object(obj: dict, where: str) -> Pair:
+    for field in PAIR_FIELDS:
+        if field not in obj:
+            raise DataError(f"{where}: missing field {field!r} (every line needs {', '.join(PAIR_FIELDS)})")
+    user = obj["user"]
+    # bool is a subclass of int in Python, but `true` is surely not a user id.
+    if isinstance(user, bool) or not isinstance(user, (str, int)):
+        raise DataError(f"{where}: field 'user' must be a string or an integer, got {_json_type(user)}")
+    for field in PAIR_FIELDS[1:]:
+        if not isinstance(obj[field], str):
+            raise DataError(f"{where}: field {field!r} must be a string, got {_json_type(obj[field])}")
+    for field in OPTIONAL_PAIR_FIELDS:
+        if obj.get(field) is not None and not isinstance(obj[field], str):
+            raise DataError(
+                f"{where}: field {field!r} must be a string or null, got {_json_type(obj[field])}"
+            )
+    return Pair(
+        user=str(user),
+        prompt=obj["prompt"],
+        chosen=obj["chosen"],
+        rejected=obj["rejected"],
+        user_text=obj.get("user_text"),
+        group=obj.get("group"),
+    )
+
+
+def read_pairs(path: str | os.PathLike) -> list[Pair]:
+    """Read and validate a JSON Lines file of preference pairs (blank lines are skipped).
+
+    Raises DataError("FILE:LINE: ...") on the first malformed line, and for a file without pairs.
+    Integer user ids become strings. Fields other than those of `Pair` are ignored.
+    """
+    pairs = [_pair_from_object(obj, f"{path}:{lineno}") for lineno, obj in _read_jsonl_objects(path)]
+    if not pairs:
+        raise DataError(f"{path}: no pairs found (the file is empty or has only blank lines)")
+    return pairs
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """Write via a temporary file and os.replace, so a crash never leaves a half-written file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_pairs(path: str | os.PathLike, pairs: Sequence[Pair]) -> None:
+    """Write pairs as JSON Lines (atomically); optional fields that are None are left out."""
+    lines = []
+    for pair in pairs:
+        obj = {"user": pair.user, "prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
+        for field in OPTIONAL_PAIR_FIELDS:
+            if getattr(pair, field) is not None:
+                obj[field] = getattr(pair, field)
+        lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
+    _write_atomically(Path(path), "".join(lines))
+
+
+def describe_pairs(pairs: Sequence[Pair]) -> str:
+    """One line of counts, e.g. `600 pairs, 10 users, 2 groups (long 420, short 180)`."""
+    users = {p.user for p in pairs}
+    groups = Counter(p.group for p in pairs if p.group is not None)
+    text = f"{len(pairs)} pairs, {len(users)} users, {len(groups)} groups"
+    if groups:
+        text += " (" + ", ".join(f"{g} {n}" for g, n in sorted(groups.items())) + ")"
+    return text
+
+
+# ----------------------------------------------------------------------------------------------------
+# 3. Tokenization
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenizedPair:
+    """A pair as token ids. Responses end with EOS unless truncation cut them (see `tokenize_pairs`)."""
+
+    user: str
+    group: str | None
+    prompt_ids: list[int]  # no BOS: collate adds it
+    user_text_ids: list[int]  # empty when the pair has no user text
+    chosen_ids: list[int]
+    rejected_ids: list[int]
+    index: int  # position in the list given to tokenize_pairs
+
+    @property
+    def length(self) -> int:
+        """Tokens in this pair's longest row (the policy row with user text), used for batching."""
+        longest = max(len(self.chosen_ids), len(self.rejected_ids))
+        return 1 + len(self.user_text_ids) + len(self.prompt_ids) + longest
+
+
+def tokenize_pairs(
+    pairs: Sequence[Pair], tokenizer: Tokenizer, max_length: int = 1024, max_prompt_length: int = 512
+) -> tuple[list[TokenizedPair], dict]:
+    """Tokenize pairs, skip those with chosen == rejected (no preference to learn), and truncate.
+
+    Truncation, so that no row is longer than `max_length` tokens (the T_u soft tokens of the user
+    embedding come on top):
+      1. The prompt part, user text followed by prompt, is kept from its START and cut to
+         `max_prompt_length` tokens (user text first, so a long user text leaves less prompt).
+      2. Each response (text + EOS) is cut at its END to fit 1 (BOS) + prompt part + response <= max_length.
+         A cut response loses its EOS: it was not finished, and the model must not learn to stop there.
+    Returns the kept pairs and stats: pairs, skipped_identical, truncated (pairs with any cut),
+    users, longest (tokens), max_length, max_prompt_length.
+    """
+    if max_prompt_length >= max_length - 1:
+        raise ValueError(
+            f"max_prompt_length ({max_prompt_length}) must be below max_length - 1 ({max_length - 1}), "
+            f"or no response token would fit"
+        )
+    items, skipped_identical, truncated = [], 0, 0
+    for index, pair in enumerate(pairs):
+        if pair.chosen == pair.rejected:
+            skipped_identical += 1
+            continue
+        user_text_ids = tokenizer.encode(pair.user_text) if pair.user_text else []
+        prompt_ids = tokenizer.encode(pair.prompt)
+        chosen_ids = tokenizer.encode(pair.chosen) + [tokenizer.eos_id]
+        rejected_ids = tokenizer.encode(pair.rejected) + [tokenizer.eos_id]
+        full = (len(user_text_ids), len(prompt_ids), len(chosen_ids), len(rejected_ids))
+
+        user_text_ids = user_text_ids[:max_prompt_length]
+        prompt_ids = prompt_ids[: max_prompt_length - len(user_text_ids)]
+        response_budget = max_length - 1 - len(user_text_ids) - len(prompt_ids)
+        chosen_ids, rejected_ids = chosen_ids[:response_budget], rejected_ids[:response_budget]
+        if (len(user_text_ids), len(prompt_ids), len(chosen_ids), len(rejected_ids)) != full:
+            truncated += 1
+        items.append(
+            TokenizedPair(pair.user, pair.group, prompt_ids, user_text_ids, chosen_ids, rejected_ids, index)
+        )
+    stats = {
+        "pairs": len(items),
+        "skipped_identical": skipped_identical,
+        "truncated": truncated,
+        "users": len({item.user for item in items}),
+        "longest": max((item.length for item in items), default=0),
+        "max_length": max_length,
+        "max_prompt_length": max_prompt_length,
+    }
+    return items, stats
+
+
+def format_stats(stats: dict) -> str:
+    """One printable line for the stats of `tokenize_pairs`."""
+    return (
+        f"{stats['pairs']} pairs from {stats['users']} users, longest {stats['longest']} tokens; "
+        f"skipped {stats['skipped_identical']} with chosen == rejected; "
+        f"truncated {stats['truncated']} to max_length {stats['max_length']} "
+        f"(prompt {stats['max_prompt_length']})"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# 4. Batching
+# ----------------------------------------------------------------------------------------------------
+
+
+def make_batches(
+    items: Sequence,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    num_shards: int = 1,
+    shard: int = 0,
+) -> list[list[int]]:
+    """Group item indices into batches of similar length, so little compute goes to padding.
+
+    Each item needs a `.length` (TokenizedPair and SFTExample have one). With `shuffle`, the items
+    are permuted, sorted by length within windows of 50 * batch_size, cut into batches, and the
+    batch order is permuted again: batches stay random across the epoch but homogeneous inside.
+    The permutations depend only on (seed, epoch). Without `shuffle`, items are simply sorted by
+    length (for evaluation). All batches are full except at most one.
+
+    Shard `shard` of `num_shards` (data parallel) gets every num_shards-th batch, so across shards
+    every item is seen exactly once per epoch; shards' batch counts may differ by one.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    if not 0 <= shard < num_shards:
+        raise ValueError(f"shard must be in [0, num_shards={num_shards}), got {shard}")
+    lengths = [item.length for item in items]
+    if shuffle:
+        rng = np.random.default_rng([seed, epoch])  # a (seed, epoch) pair never collides with another
+        order = rng.permutation(len(items)).tolist()
+        window = 50 * batch_size
+        # A stable sort keeps the random order among equal lengths.
+        windows = [order[w : w + window] for w in range(0, len(order), window)]
+        order = [i for chunk in windows for i in sorted(chunk, key=lengths.__getitem__)]
+    else:
+        order = sorted(range(len(items)), key=lengths.__getitem__)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    if shuffle:
+        batches = [batches[i] for i in rng.permutation(len(batches))]
+    return batches[shard::num_shards]
+
+
+# ----------------------------------------------------------------------------------------------------
+# 5. Collate: token ids -> padded tensors
+# ----------------------------------------------------------------------------------------------------
+
+
+def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad (prefix, response) rows into input ids and a mask that is True on response tokens.
+
+    Right padding under causal attention needs no attention mask: real tokens never attend to the
+    pads after them, and pads are never scored.
+    """
+    T = max(len(prefix) + len(response) for prefix, response in rows)
+    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
+    response_mask = torch.zeros((len(rows), T), dtype=torch.bool)
+    for row, (prefix, response) in enumerate(rows):
+        end = len(prefix) + len(response)
+        input_ids[row, :end] = torch.tensor(prefix + response, dtype=torch.long)
+        response_mask[row, len(prefix) : end] = True
+    return input_ids, response_mask
+
+
+def collate_pairs(
+    items: Sequence[TokenizedPair], tokenizer: Tokenizer, row_of: Callable[[str], int], use_user_text: bool
+) -> dict:
+    """Batch B pairs for P-DPO / P-RM (bos and pad ids come from `tokenizer`).
+
+    Returns
+      user_rows                (B,)   LongTensor, row_of(user): the user model's row, 0 = generic user
+      policy_input_ids         (2B, T) rows 0..B-1 chosen, B..2B-1 rejected (one forward for both);
+                               each row [BOS] + user text (if use_user_text) + prompt + response, right-padded
+      policy_response_mask     (2B, T) True exactly on response tokens (EOS included)
+      reference_input_ids      (2B, T') the same without user text: the reference model never sees u
+      reference_response_mask  (2B, T')
+      users, groups            lists of B strings (groups may hold None)
+      index                    (B,)   LongTensor, each pair's position in the tokenized list
+    """
+    bos = [tokenizer.bos_id]
+    policy_rows, reference_rows = [], []
+    for responses in ("chosen_ids", "rejected_ids"):  # chosen rows first, then rejected
+        for item in items:
+            user_text = item.user_text_ids if use_user_text else []
+            policy_rows.append((bos + user_text + item.prompt_ids, getattr(item, responses)))
+            reference_rows.append((bos + item.prompt_ids, getattr(item, responses)))
+    policy_input_ids, policy_response_mask = _pad(policy_rows, tokenizer.pad_id)  # (2B, T)
+    reference_input_ids, reference_response_mask = _pad(reference_rows, tokenizer.pad_id)  # (2B, T')
+    return {
+        "user_rows": torch.tensor([row_of(item.user) for item in items], dtype=torch.long),
+        "policy_input_ids": policy_input_ids,
+        "policy_response_mask": policy_response_mask,
+        "reference_input_ids": reference_input_ids,
+        "reference_response_mask": reference_response_mask,
+        "users": [item.user for item in items],
+        "groups": [item.group for item in items],
+        "index": torch.tensor([item.index for item in items], dtype=torch.long),
+    }
+
+
+@dataclass
+class SFTExample:
+    """A (prompt, response) example for supervised fine-tuning; response_ids end with EOS."""
+
+    prompt_ids: list[int]
+    response_ids: list[int]
+
+    @property
+    def length(self) -> int:
+        return 1 + len(self.prompt_ids) + len(self.response_ids)
+
+
+def sft_examples_from_pairs(items: Sequence[TokenizedPair]) -> list[SFTExample]:
+    """Both responses of every pair, each distinct (prompt, response) once, without user information.
+
+    The SFT model becomes the reference model pi_ref, which should give both kinds of answer
+    (e.g. long and short) a fair probability, so it learns from both sides of every pair.
+    """
+    seen, examples = set(), []
+    for item in items:
+        for response in (item.chosen_ids, item.rejected_ids):
+            key = (tuple(item.prompt_ids), tuple(response))
+            if key not in seen:
+                seen.add(key)
+                examples.append(SFTExample(item.prompt_ids, response))
+    return examples
+
+
+def collate_sft(items: Sequence[SFTExample], tokenizer: Tokenizer) -> dict:
+    """Batch B examples as [BOS] + prompt + response(+EOS), right-padded:
+    input_ids (B, T) LongTensor and response_mask (B, T), True on response tokens (the ones scored)."""
+    rows = [([tokenizer.bos_id] + item.prompt_ids, item.response_ids) for item in items]
+    input_ids, response_mask = _pad(rows, tokenizer.pad_id)  # (B, T)
+    return {"input_ids": input_ids, "response_mask": response_mask}
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6a. Converter: Reddit TL;DR with conflicting length preferences (paper experiment 1)
+# ----------------------------------------------------------------------------------------------------
+
+
+def _is_supervised(policy: str) -> bool:
+    """Summaries sampled from the supervised (SFT) policies, not from PPO ones or the CNN/DM models."""
+    return "sup" in policy and "ppo" not in policy and "cnn" not in policy
+
+
+def _tldr_prompt(info: dict) -> str:
+    lines = []
+    if info.get("subreddit"):  # absent for CNN/DM articles
+        lines.append(f"SUBREDDIT: r/{info['subreddit']}")
+    if info.get("title"):
+        lines.append(f"TITLE: {info['title']}")
+    post = info.get("post") or info.get("article") or ""
+    lines.append(f"POST: {post.strip()}")
+    lines.append("TL;DR:")
+    return "\n".join(lines)
+
+
+@dataclass
+class _Comparison:
+    worker: str
+    prompt: str
+    longer: str
+    shorter: str
+
+
+def _tldr_comparison(record: dict, where: str) -> _Comparison | str:
+    """Parse one comparison record; return the reason as a string if it is skipped."""
+    summaries, worker, info = record.get("summaries"), record.get("worker"), record.get("info")
+    if not isinstance(info, dict):
+        raise DataError(f"{where}: field 'info' must be an object with 'post' (or 'article') and 'title'")
+    if not isinstance(worker, str):
+        raise DataError(f"{where}: field 'worker' must be a string (annotator id), got {_json_type(worker)}")
+    if not (
+        isinstance(summaries, list)
+        and len(summaries) == 2
+        and all(isinstance(s, dict) and isinstance(s.get("text"), str) for s in summaries)
+    ):
+        raise DataError(f"{where}: field 'summaries' must be a list of two objects with 'text' and 'policy'")
+    if not all(_is_supervised(str(s.get("policy", ""))) for s in summaries):
+        return "not_supervised"
+    a, b = (s["text"].strip() for s in summaries)
+    if len(a) == len(b):
+        return "equal_length"
+    longer, shorter = (a, b) if len(a) > len(b) else (b, a)
+    return _Comparison(worker, _tldr_prompt(info), longer, shorter)
+
+
+def _tldr_split(record: dict, default: str) -> str:
+    """'train', 'valid' or 'other' (e.g. 'test') from the record's 'split' field, if it has one."""
+    split = record.get("split")
+    if split is None:
+        return default
+    return "train" if split == "train" else "valid" if str(split).startswith("valid") else "other"
+
+
+def _tldr_pair(c: _Comparison, group: str, prefers: str) -> Pair:
+    # The reference code prepends a space to the summary, so it reads "TL;DR: text".
+    chosen, rejected = (c.longer, c.shorter) if prefers == "long" else (c.shorter, c.longer)
+    return Pair(user=c.worker, prompt=c.prompt, chosen=" " + chosen, rejected=" " + rejected, group=group)
+
+
+def tldr_to_pairs(
+    comparison_paths: Sequence[str | os.PathLike],
+    *,
+    valid_paths: Sequence[str | os.PathLike] = (),
+    n_users: int = 10,
+    p_long: float = 0.7,
+    seed: int = 0,
+) -> tuple[list[Pair], list[Pair], dict]:
+    """The paper's "conflicting length preferences" task from `openai/summarize_from_feedback`
+    comparison files (JSON Lines; records with info, summaries, worker, and optionally split).
+
+    - Only comparisons where both summaries come from supervised policies are kept; summaries of
+      equal length in characters are skipped. The human's own `choice` is not used.
+    - Train/valid: records of `valid_paths` are validation data and those of `comparison_paths`
+      training data; without `valid_paths`, each record's `split` decides ("train" / "valid1",
+      "valid2"; other splits are skipped; a record without one counts as training data).
+    - Known users: the `n_users` workers with most kept training comparisons (ties by worker id).
+      In sorted worker order, a seeded RNG makes each prefer the LONGER summary with probability
+      `p_long`, else the SHORTER; group = "long" / "short". Chosen = the preferred summary.
+    - Validation: known workers keep their id and preference. Every other worker keeps their id
+      as `user` (the registry maps them to the generic user 0), gets group "unseen", and is labelled
+      with the majority preference (longer when p_long >= 0.5): what one policy for everyone
+      should produce.
+    - Prompt: "SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:" (lines without a
+      value left out); responses are the stripped summaries with one leading space (" " + text).
+    """
+    comparisons = {"train": [], "valid": []}
+    skipped = Counter()
+    sources = [(p, "train") for p in comparison_paths] + [(p, "valid") for p in valid_paths]
+    for path, default in sources:
+        for lineno, record in _read_jsonl_objects(path):
+            split = default if valid_paths else _tldr_split(record, default)
+            parsed = _tldr_comparison(record, f"{path}:{lineno}")
+            if split == "other" or isinstance(parsed, str):
+                skipped["other_split" if split == "other" else parsed] += 1
+            else:
+                comparisons[split].append(parsed)
+    if not comparisons["train"]:
+        raise DataError(f"no usable training comparisons in {', '.join(map(str, comparison_paths))}")
+    if not comparisons["valid"]:
+        raise DataError(
+            "no validation comparisons: pass --valid FILE..., or files whose records have a 'split' "
+            "field ('train', 'valid1', 'valid2')"
+        )
+
+    counts = Counter(c.worker for c in comparisons["train"])
+    known = sorted(sorted(counts, key=lambda w: (-counts[w], w))[:n_users])
+    rng = random.Random(seed)
+    prefers = {worker: "long" if rng.random() < p_long else "short" for worker in known}
+    majority = "long" if p_long >= 0.5 else "short"
+
+    def label(c: _Comparison) -> Pair:
+        if c.worker in prefers:
+            return _tldr_pair(c, group=prefers[c.worker], prefers=prefers[c.worker])
+        return _tldr_pair(c, group="unseen", prefers=majority)
+
+    train = [label(c) for c in comparisons["train"] if c.worker in prefers]
+    valid = [label(c) for c in comparisons["valid"]]
+    stats = {
+        "train": len(train),
+        "valid": len(valid),
+        "known_users": len(known),
+        "long_users": sum(p == "long" for p in prefers.values()),
+        "unseen_users": len({p.user for p in valid if p.group == "unseen"}),
+        **{f"skipped_{reason}": n for reason, n in sorted(skipped.items())},
+    }
+    return train, valid, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6b. Converter: Personalized Soups (paper experiment 2)
+# ----------------------------------------------------------------------------------------------------
+
+# The preference instruction appended to each P-SOUPS question, per user (profile); the released
+# data and code spell P2A/P2B both with and without a comma.
+PSOUPS_PREFERENCES = {
+    "P1A": ("Generate a response that can be easily understood by an elementary school student.",),
+    "P1B": ("Generate a response that only a PhD Student in that specific field could understand.",),
+    "P2A": (
+        "Generate a response that is concise and to the point, without being verbose.",
+        "Generate a response that is concise and to the point without being verbose.",
+    ),
+    "P2B": (
+        "Generate a response that is very informative, without missing any background information.",
+        "Generate a response that is very informative without missing any background information.",
+    ),
+    "P3A": ("Generate a response that is friendly, witty, funny, and humorous, like a close friend.",),
+    "P3B": ("Generate a response in an unfriendly manner.",),
+}
+
+
+def _remove_preference(user_input: str, user: str) -> tuple[str, bool]:
+    """The question without its preference sentence; True if the known sentence was not found and
+    the last sentence was dropped instead (when there is more than one)."""
+    text = user_input.strip()
+    for sentence in PSOUPS_PREFERENCES[user]:
+        if sentence in text:
+            return text.replace(sentence, "", 1).strip(), False
+    boundaries = list(re.finditer(r"(?<=[.!?])\s+(?=\S)", text))
+    return (text[: boundaries[-1].start()] if boundaries else text), True
+
+
+def _read_psoups_records(path: Path) -> list[dict]:
+    """A JSON list of records, or JSON Lines (both appear in copies of the data)."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found (expected P1A.json .. P3B.json of P-SOUPS data/rm_training)")
+    text = path.read_text(encoding="utf-8")
+    if text.lstrip().startswith("["):
+        try:
+            records = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(records, list):
+            raise DataError(f"{path}: expected a JSON list of records, got a {_json_type(records)}")
+        where = [f"{path}: record {i}" for i in range(len(records))]
+    else:
+        numbered = list(_read_jsonl_objects(path))
+        records, where = [r for _, r in numbered], [f"{path}:{n}" for n, _ in numbered]
+    for record, place in zip(records, where):
+        for field in ("user_input", "completion_a", "completion_b"):
+            if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                raise DataError(
+                    f"{place}: needs string fields user_input, completion_a (preferred), completion_b"
+                )
+    return records
+
+
+def psoups_to_pairs(
+    rm_training_dir: str | os.PathLike, *, seed: int = 0, valid_fraction: float = 0.1
+) -> tuple[list[Pair], list[Pair], dict]:
+    """Personalized Soups comparisons from `rm_training_dir/{P1A,...,P3B}.json` (records with
+    user_input, completion_a = preferred, completion_b).
+
+    Users are the six profiles P1A..P3B (group = the same name). The preference sentence is removed
+    from each question (known sentences in PSOUPS_PREFERENCES; otherwise the last sentence, counted
+    in stats["fallback_removals"]), so the preference must be learned from feedback. Prompt format
+    of Tulu: "<|user|>\\n{question}\\n<|assistant|>\\n". Duplicates (same user, prompt, chosen,
+    rejected) are removed. The split is seeded and by question: `valid_fraction` of the distinct
+    questions, with all their pairs, go to validation, so no validation question is seen in training.
+    """
+    pairs, fallbacks, duplicates, seen = [], 0, 0, set()
+    for user in PSOUPS_PREFERENCES:
+        for record in _read_psoups_records(Path(rm_training_dir) / f"{user}.json"):
+            question, fell_back = _remove_preference(record["user_input"], user)
+            fallbacks += fell_back
+            pair = Pair(
+                user=user,
+                prompt=f"<|user|>\n{question}\n<|assistant|>\n",
+                chosen=record["completion_a"].strip(),
+                rejected=record["completion_b"].strip(),
+                group=user,
+            )
+            key = (pair.user, pair.prompt, pair.chosen, pair.rejected)
+            if key in seen:
+                duplicates += 1
+                continue
+            seen.add(key)
+            pairs.append(pair)
+
+    questions = sorted({p.prompt for p in pairs})
+    random.Random(seed).shuffle(questions)
+    valid_questions = set(questions[: round(valid_fraction * len(questions))])
+    train = [p for p in pairs if p.prompt not in valid_questions]
+    valid = [p for p in pairs if p.prompt in valid_questions]
+    stats = {
+        "train": len(train),
+        "valid": len(valid),
+        "questions": len(questions),
+        "valid_questions": len(valid_questions),
+        "duplicates_removed": duplicates,
+        "fallback_removals": fallbacks,
+    }
+    return train, valid, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7. Built-in toy task: conflicting length preferences without any download
+# ----------------------------------------------------------------------------------------------------
+
+_NOUNS = """apple river stone cloud garden bread forest candle mountain window ocean bridge lantern pencil
+rabbit violin desert castle meadow harbor island market needle orchard piano planet pocket rocket saddle
+shadow tunnel valley wagon kitten ladder mirror basket blanket button cabin camera canyon carpet cherry
+compass cookie cotton dragon engine feather fountain glacier guitar hammer helmet honey insect jacket
+jungle kettle lemon magnet marble melon muffin museum napkin noodle orange paddle parrot pebble pepper
+pillow pirate puzzle quilt radio ribbon robot salad scooter spider spoon statue sugar teapot ticket
+tomato towel tractor trumpet turtle umbrella village walnut whistle wizard zebra""".split()
+_ADJECTIVES = """bright calm quiet gentle heavy ancient modern tiny huge warm cold soft rough smooth sharp
+golden green purple noisy silent happy clever brave lazy busy famous simple strange useful lovely shiny
+dusty sweet bitter fresh humble proud rare wild tidy fancy plain spicy sleepy curious""".split()
+_VERBS = "admire visit enjoy collect paint share carry protect study watch clean build draw follow".split()
+_ADVERBS = "often rarely gladly slowly quickly carefully always sometimes quietly happily".split()
+
+_PROMPTS = (
+    "Tell me about {x} and {y}.",
+    "What do you know about {x} and {y}?",
+    "Describe the {x} and the {y}.",
+    "Say something about {x} and {y}.",
+)
+# Short answers: 2-5 words. Long answers: an 8-word opening plus one or two 3-4 word clauses (11-16 words).
+_SHORT = ("{X} is {a}.", "{A} {x} and {y}.", "Both are {a}.", "{X}: {a}.", "{A} {x}, {b} {y}.",
+          "Mostly {a} {x}, {b} {y}.")
+_LONG_OPENING = "{X} is {a} and the {y} is {b}."
+_LONG_CLAUSES = (
+    "People {adv} {v} them.",
+    "They look {c} today.",
+    "Kids {v} them {adv}.",
+    "Nobody forgets the {n}.",
+    "It feels {c}.",
+    "Ask about the {n}.",
+)
+
+
+def _fill(template: str, rng: random.Random, x: str, y: str) -> str:
+    a, b, c = rng.sample(_ADJECTIVES, 3)
+    words = dict(x=x, y=y, X=x.capitalize(), a=a, b=b, c=c, A=a.capitalize(), n=rng.choice(_NOUNS))
+    return template.format(**words, v=rng.choice(_VERBS), adv=rng.choice(_ADVERBS))
+
+
+def _toy_example(rng: random.Random) -> tuple[str, str, str]:
+    """(prompt, short response, long response) about two random topics."""
+    x, y = rng.sample(_NOUNS, 2)
+    prompt = _fill(rng.choice(_PROMPTS), rng, x, y)
+    short = _fill(rng.choice(_SHORT), rng, x, y)
+    clauses = rng.sample(_LONG_CLAUSES, rng.randint(1, 2))
+    long = " ".join(_fill(t, rng, x, y) for t in (_LONG_OPENING, *clauses))
+    return prompt, short, long
+
+
+def _toy_pairs(rng: random.Random, users: dict[str, str], n_per_user: int, group: str | None) -> list[Pair]:
+    """`n_per_user` pairs per user, chosen by the user's preference; group=None labels each pair with it."""
+    pairs = []
+    for user, prefers in users.items():
+        for _ in range(n_per_user):
+            prompt, short, long = _toy_example(rng)
+            chosen, rejected = (long, short) if prefers == "long" else (short, long)
+            pairs.append(Pair(user, " " + prompt, " " + chosen, " " + rejected, group=group or prefers))
+    return pairs
+
+
+def _assign_preferences(names: list[str], minority_share: float, rng: random.Random) -> dict[str, str]:
+    """Exactly round(minority_share * len(names)) users, chosen at random, prefer short answers."""
+    minority = set(rng.sample(names, round(minority_share * len(names))))
+    return {name: "short" if name in minority else "long" for name in names}
+
+
+def make_toy_task(
+    seed: int = 0,
+    n_users: int = 10,
+    minority_share: float = 0.3,
+    pairs_per_user: int = 60,
+    n_valid_per_user: int = 20,
+    n_unseen_users: int = 4,
+) -> tuple[list[Pair], list[Pair]]:
+    """A synthetic version of the paper's conflicting length preferences, deterministic in `seed`.
+
+    Prompts ask about two topics ("Tell me about kettle and zebra."); each pair holds a SHORT answer
+    (2-5 words) and a LONG one (11-16 words) on the same topics. Known users user_01.. are split
+    exactly: round(minority_share * n_users) prefer short (group "short", the minority), the rest
+    long (group "long"). Validation holds `n_valid_per_user` new pairs per known user, plus as many
+    for each of `n_unseen_users` users new_01.. (never in training, group "unseen"), split between
+    long and short in the same proportion as the known users.
+    Texts start with a space so a byte-level BPE sees every word in its " word" form. With a BPE of
+    vocab_size 768 trained on `toy_corpus_texts`, the longest row is about 40 tokens (400: about 67).
+    """
+    rng = random.Random(seed)
+    known = _assign_preferences([f"user_{i:02d}" for i in range(1, n_users + 1)], minority_share, rng)
+    unseen = _assign_preferences([f"new_{i:02d}" for i in range(1, n_unseen_users + 1)], minority_share, rng)
+    train = _toy_pairs(rng, known, pairs_per_user, group=None)
+    valid = _toy_pairs(rng, known, n_valid_per_user, group=None)
+    valid += _toy_pairs(rng, unseen, n_valid_per_user, group="unseen")
+    return train, valid
+
+
+def toy_corpus_texts(seed: int = 0, n_examples: int = 2000) -> list[str]:
+    """Prompts and answers written like the toy task's (with leading spaces), plus every word once,
+    to train the toy BPE tokenizer."""
+    rng = random.Random(seed)
+    texts = [" " + " ".join(_NOUNS + _ADJECTIVES + _VERBS + _ADVERBS)]
+    for _ in range(n_examples):
+        texts.extend(" " + text for text in _toy_example(rng))
+    return texts
+
+
+# ----------------------------------------------------------------------------------------------------
+# 8. Command line
+# ----------------------------------------------------------------------------------------------------
+
+
+def _write_split(out_dir: str, train: list[Pair], valid: list[Pair]) -> None:
+    for name, pairs in (("train", train), ("valid", valid)):
+        path = Path(out_dir) / f"{name}.jsonl"
+        write_pairs(path, pairs)
+        print(f"wrote {path}: {describe_pairs(pairs)}")
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="Personalized preference data: check, convert, toy task.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    check = sub.add_parser("check", help="validate a JSON Lines file of pairs and print counts")
+    check.add_argument("file")
+
+    toy = sub.add_parser("toy", help="write the built-in toy task (train.jsonl, valid.jsonl)")
+    toy.add_argument("--out", required=True, help="output directory")
+    toy.add_argument("--seed", type=int, default=0)
+
+    tldr = sub.add_parser("tldr", help="summarize_from_feedback comparisons -> conflicting length preferences")
+    tldr.add_argument("--comparisons", nargs="+", required=True, help="comparison JSON Lines files (training)")
+    tldr.add_argument("--valid", nargs="*", default=[], help="validation files; default: each record's 'split'")
+    tldr.add_argument("--out", required=True, help="output directory")
+    tldr.add_argument("--n-users", type=int, default=10, help="known users = top workers by count (paper: 10, 40)")
+    tldr.add_argument("--p-long", type=float, default=0.7, help="chance a known user prefers longer summaries")
+    tldr.add_argument("--seed", type=int, default=0)
+
+    psoups = sub.add_parser("psoups", help="Personalized Soups rm_training/P1A.json..P3B.json -> pairs")
+    psoups.add_argument("--dir", required=True, help="the P-SOUPS data/rm_training directory")
+    psoups.add_argument("--out", required=True, help="output directory")
+    psoups.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    try:
+        if args.command == "check":
+            print(f"{args.file}: {describe_pairs(read_pairs(args.file))}")
+            return 0
+        if args.command == "toy":
+            train, valid = make_toy_task(seed=args.seed)
+        elif args.command == "tldr":
+            train, valid, stats = tldr_to_pairs(
+                args.comparisons, valid_paths=args.valid, n_users=args.n_users, p_long=args.p_long,
+                seed=args.seed,
+            )
+            print(", ".join(f"{k} {v}" for k, v in stats.items()))
+        else:
+            train, valid, stats = psoups_to_pairs(args.dir, seed=args.seed)
+            print(", ".join(f"{k} {v}" for k, v in stats.items()))
+        _write_split(args.out, train, valid)
+        return 0
+    except (DataError, OSError) as e:  # a person's input problem: one line, no traceback
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
