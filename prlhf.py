@@ -1,0 +1,592 @@
+"""Personalized RLHF: user models, personalized log-probabilities, P-DPO and the personalized reward model.
+
+Implements PAPER.md (Li, Zhou, Lipton, Leqi, *Personalized Language Modeling from Personalized Human
+Feedback*, arXiv 2402.05133), sections "User model f_P", "Personalized LM", "P-DPO objective (eq. pdpo)"
+and "Personalized reward model (P-RM)". References read, not copied: the paper's reference code (user
+models, defaults), the DPO authors' `trainers.py` (loss as a pure function of four log-prob tensors,
+conservative DPO), TRL's `DPOTrainer` (IPO's per-token normalization).
+
+Equation -> function:
+    user registry: identifier -> row, unknown -> row 0 (generic)    UserRegistry
+    uniform e_u = e (or nothing)                                    UniformUserModel
+    individual e_i = e_0 + o_i (or o_i)                             IndividualUserModel
+    cluster e_i = sum_k softmax(w_i)_k c_k                          ClusterUserModel
+    [BOS] [e_u] [user text] [prompt] [response]                     embed_with_user_prefix
+    log pi(y | x, u) = sum_t log p(y_t | BOS, e_u, x, y_<t)         response_logps
+    per-pair loss of h: DPO, conservative DPO, IPO                  preference_loss
+    alpha * l(e_u) + (1 - alpha) * l(e_0)                           mix_terms
+    P-DPO, eq. (pdpo), and its P-cDPO / P-IPO variants              pdpo_loss
+    r(x, y, u) = beta * (log pi(y|x,u) - log pi_ref(y|x))           pdpo_loss (chosen_rewards, ...)
+    reward model r_phi(x, y, u) at the last response token         RewardHead, personalized_rewards
+    P-RM: -log sigmoid(r(x,y_w,u) - r(x,y_l,u)), mixed by alpha    prm_loss
+    vanilla DPO = uniform model without embedding, alpha = 1       PDPOConfig.vanilla, VANILLA_DPO
+
+Reading order: registry, user models (initialization, the three kinds, factory, saving), personalized
+log-probabilities (one batched forward), objectives (P-DPO, P-RM), the named configurations.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+USER_MODEL_KINDS = ("uniform", "individual", "cluster")
+LOSS_TYPES = ("dpo", "cdpo", "ipo")
+
+
+# ----------------------------------------------------------------------------------------------
+# User registry: dataset identifiers -> rows of the user model
+
+
+class UserRegistry:
+    """Maps a dataset's user identifiers to user-model rows 1..N; row 0 is the generic user.
+
+    Identifiers are compared as strings (the int 7 and the string "7" are the same user). Any
+    identifier not seen in training, and None, maps to row 0, the generic user: never an error,
+    because unseen users at evaluation time are exactly who the generic embedding e_0 is for.
+    `len(registry)` counts rows, N + 1, so `make_user_model(kind, len(registry) - 1, ...)` fits.
+    """
+
+    def __init__(self, users: Iterable):
+        self.users = [str(u) for u in users]  # row i + 1 belongs to self.users[i]
+        if len(set(self.users)) != len(self.users):
+            raise ValueError("UserRegistry: user identifiers must be distinct (use from_users to deduplicate)")
+        self._rows = {u: i + 1 for i, u in enumerate(self.users)}
+
+    @classmethod
+    def from_users(cls, users: Iterable) -> "UserRegistry":
+        """All distinct identifiers, sorted as strings: the same data always gives the same rows."""
+        return cls(sorted({str(u) for u in users if u is not None}))
+
+    @property
+    def n_users(self) -> int:
+        """N, the number of known users (rows 1..N)."""
+        return len(self.users)
+
+    def __len__(self) -> int:
+        return len(self.users) + 1
+
+    def row(self, user) -> int:
+        return 0 if user is None else self._rows.get(str(user), 0)
+
+    def rows(self, users: Iterable) -> torch.Tensor:
+        return torch.tensor([self.row(u) for u in users], dtype=torch.long)  # (B,)
+
+    def save(self, path) -> None:
+        Path(path).write_text(json.dumps({"users": self.users}, indent=1))
+
+    @classmethod
+    def load(cls, path) -> "UserRegistry":
+        path = Path(path)
+        try:
+            obj = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get("users"), list):
+            raise ValueError(f'{path}: expected {{"users": [identifier, ...]}} (row i + 1 = users[i])')
+        return cls(obj["users"])
+
+
+# ----------------------------------------------------------------------------------------------
+# User models f_P: (B,) rows -> (B, T_u, d) user embeddings
+
+
+def init_user_vectors(n: int, hidden_size: int, *, init: str, init_range: float,
+                      token_embedding: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """n fresh d-vectors (float32), as the reference code initializes user and cluster embeddings.
+
+    "vocab": copies of the LLM's token-embedding rows for randomly drawn vocabulary tokens, so a user
+    embedding starts on the scale of real token embeddings (the reference code's default).
+    "uniform": U[-init_range, init_range] (the reference code's fallback, range 0.5).
+    """
+    if init == "vocab":
+        if token_embedding is None:
+            raise ValueError('init="vocab" copies rows of the LLM token embedding: pass token_embedding='
+                             'model.tok_embeddings.weight, or use init="uniform"')
+        if token_embedding.shape[1] != hidden_size:
+            raise ValueError(f"token_embedding has width {token_embedding.shape[1]}, but hidden_size is {hidden_size}")
+        tokens = torch.randint(token_embedding.shape[0], (n,), generator=generator)  # (n,)
+        return token_embedding.detach()[tokens.to(token_embedding.device)].float().cpu()  # (n, d)
+    if init == "uniform":
+        return (torch.rand(n, hidden_size, generator=generator) * 2 - 1) * init_range  # (n, d)
+    raise ValueError(f'init={init!r}: expected "vocab" or "uniform"')
+
+
+class UniformUserModel(nn.Module):
+    """Uniform preference: every user gets the same embedding e (T_u x d), or none when T_u = 0.
+
+    With T_u = 0 and alpha = 1 P-DPO is vanilla DPO (PAPER.md); with T_u > 0 it is one shared soft
+    prompt trained with the policy.
+    """
+
+    kind = "uniform"
+
+    def __init__(self, n_users: int, n_user_tokens: int, hidden_size: int, initial: torch.Tensor | None = None):
+        super().__init__()
+        self.n_users, self.n_user_tokens, self.hidden_size = n_users, n_user_tokens, hidden_size
+        self.embedding = None
+        if n_user_tokens > 0:
+            initial = torch.zeros(n_user_tokens * hidden_size) if initial is None else initial
+            self.embedding = nn.Parameter(initial.reshape(n_user_tokens, hidden_size))  # (T_u, d)
+
+    def config(self) -> dict:
+        return dict(kind=self.kind, n_users=self.n_users, n_user_tokens=self.n_user_tokens,
+                    hidden_size=self.hidden_size)
+
+    def forward(self, user_rows: torch.Tensor) -> torch.Tensor:
+        B = user_rows.shape[0]
+        if self.embedding is None:
+            return torch.zeros(B, 0, self.hidden_size, device=user_rows.device)  # (B, 0, d)
+        return self.embedding.expand(B, -1, -1)  # (B, T_u, d)
+
+
+class IndividualUserModel(nn.Module):
+    """Individual preference: a table with row 0 = e_0 (generic) and rows 1..N for the known users.
+
+    add_generic_user=True (reference default): row i holds an offset o_i and e_i = e_0 + o_i, so e_0
+    learns from everyone and o_i only what is particular to user i. add_generic_user=False: e_i = o_i.
+    Row 0 always gives e_0. Every row, offsets included, is initialized the same way (as the
+    reference code does), so at step 0 users already differ from e_0 and from each other.
+    """
+
+    kind = "individual"
+
+    def __init__(self, n_users: int, n_user_tokens: int, hidden_size: int, add_generic_user: bool = True,
+                 initial: torch.Tensor | None = None):
+        super().__init__()
+        self.n_users, self.n_user_tokens, self.hidden_size = n_users, n_user_tokens, hidden_size
+        self.add_generic_user = add_generic_user
+        shape = (n_users + 1, n_user_tokens, hidden_size)
+        initial = torch.zeros(shape) if initial is None else initial.reshape(shape)
+        self.embeddings = nn.Parameter(initial)  # (N + 1, T_u, d): e_0, then o_1..o_N
+
+    def config(self) -> dict:
+        return dict(kind=self.kind, n_users=self.n_users, n_user_tokens=self.n_user_tokens,
+                    hidden_size=self.hidden_size, add_generic_user=self.add_generic_user)
+
+    def forward(self, user_rows: torch.Tensor) -> torch.Tensor:
+        own = self.embeddings[user_rows]  # (B, T_u, d): o_i, or e_0 for row 0
+        if not self.add_generic_user:
+            return own  # e_i = o_i
+        generic = self.embeddings[0].expand_as(own)  # (B, T_u, d)
+        known = (user_rows != 0)[:, None, None]  # (B, 1, 1)
+        return torch.where(known, generic + own, generic)  # e_i = e_0 + o_i; e_0 for row 0
+
+
+class ClusterUserModel(nn.Module):
+    """Cluster-based preference: e_i = sum_k softmax(w_i)_k c_k.
+
+    K cluster embeddings c_k (T_u x d each) and per-user logits w_i in R^K, row 0 for the generic user.
+    The logits start N(0, 1) (the reference code's nn.Embedding default).
+    """
+
+    kind = "cluster"
+
+    def __init__(self, n_users: int, n_user_tokens: int, hidden_size: int, n_clusters: int = 5,
+                 initial: torch.Tensor | None = None, initial_logits: torch.Tensor | None = None):
+        super().__init__()
+        self.n_users, self.n_user_tokens, self.hidden_size = n_users, n_user_tokens, hidden_size
+        self.n_clusters = n_clusters
+        shape = (n_clusters, n_user_tokens, hidden_size)
+        initial = torch.zeros(shape) if initial is None else initial.reshape(shape)
+        self.cluster_embeddings = nn.Parameter(initial)  # (K, T_u, d): c_1..c_K
+        logits = torch.zeros(n_users + 1, n_clusters) if initial_logits is None else initial_logits
+        self.user_logits = nn.Parameter(logits)  # (N + 1, K): w_0..w_N
+
+    def config(self) -> dict:
+        return dict(kind=self.kind, n_users=self.n_users, n_user_tokens=self.n_user_tokens,
+                    hidden_size=self.hidden_size, n_clusters=self.n_clusters)
+
+    def cluster_weights(self, user_rows: torch.Tensor) -> torch.Tensor:
+        return self.user_logits[user_rows].softmax(dim=-1)  # (B, K), each row sums to 1
+
+    def forward(self, user_rows: torch.Tensor) -> torch.Tensor:
+        weights = self.cluster_weights(user_rows)  # (B, K)
+        return torch.einsum("bk,ktd->btd", weights, self.cluster_embeddings)  # (B, T_u, d)
+
+
+def make_user_model(kind: str, n_users: int, n_user_tokens: int, hidden_size: int, *, n_clusters: int = 5,
+                    add_generic_user: bool = True, init: str = "vocab", init_range: float = 0.5,
+                    token_embedding: torch.Tensor | None = None, seed: int = 0) -> nn.Module:
+    """A user model for N known users (rows 1..N) plus the generic row 0; float32 parameters on CPU.
+
+    n_user_tokens = T_u. T_u = 0 means no implicit embedding at all: every kind is then the empty
+    uniform model (explicit user text alone, or vanilla DPO with alpha = 1). Initialization is seeded
+    (init_user_vectors); the cluster logits draw from the same generator.
+    """
+    if kind not in USER_MODEL_KINDS:
+        raise ValueError(f"user model kind {kind!r}: expected one of {', '.join(USER_MODEL_KINDS)}")
+    if n_user_tokens < 0 or n_users < 0:
+        raise ValueError(f"n_user_tokens={n_user_tokens}, n_users={n_users}: both must be >= 0")
+    if n_user_tokens == 0:
+        return UniformUserModel(n_users, 0, hidden_size)
+    generator = torch.Generator().manual_seed(seed)
+
+    def vectors(n):
+        return init_user_vectors(n, hidden_size, init=init, init_range=init_range,
+                                 token_embedding=token_embedding, generator=generator)
+
+    if kind == "uniform":
+        return UniformUserModel(n_users, n_user_tokens, hidden_size, vectors(n_user_tokens))
+    if kind == "individual":
+        return IndividualUserModel(n_users, n_user_tokens, hidden_size, add_generic_user,
+                                   vectors((n_users + 1) * n_user_tokens))
+    if n_clusters < 1:
+        raise ValueError(f"n_clusters={n_clusters}: the cluster model needs K >= 1")
+    initial = vectors(n_clusters * n_user_tokens)
+    logits = torch.randn(n_users + 1, n_clusters, generator=generator)  # (N + 1, K)
+    return ClusterUserModel(n_users, n_user_tokens, hidden_size, n_clusters, initial, logits)
+
+
+USER_MODEL_FILES = ("user_model.safetensors", "user_model.json", "users.json")
+
+
+def save_user_model(directory, user_model: nn.Module, registry: UserRegistry) -> None:
+    """Write user_model.safetensors (weights), user_model.json (kind, sizes, flags), users.json (registry)."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    if len(registry) - 1 != user_model.n_users:
+        raise ValueError(f"registry has {len(registry) - 1} users but the user model {user_model.n_users}")
+    tensors = {k: v.detach().float().contiguous().cpu() for k, v in user_model.state_dict().items()}
+    save_file(tensors, str(directory / "user_model.safetensors"))
+    (directory / "user_model.json").write_text(json.dumps(user_model.config(), indent=1))
+    registry.save(directory / "users.json")
+
+
+def load_user_model(directory) -> tuple[nn.Module, UserRegistry]:
+    """Read what save_user_model wrote: (user model on CPU in float32, its registry)."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    for name in USER_MODEL_FILES:
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory / name}: missing; a saved user model has "
+                                    f"{', '.join(USER_MODEL_FILES)}")
+    file = directory / "user_model.json"
+    try:
+        cfg = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
+    kind = cfg.pop("kind", None)
+    classes = {c.kind: c for c in (UniformUserModel, IndividualUserModel, ClusterUserModel)}
+    if kind not in classes:
+        raise ValueError(f"{file}: field 'kind' is {kind!r}; expected one of {', '.join(classes)}")
+    try:
+        user_model = classes[kind](**cfg)
+    except TypeError as e:
+        raise ValueError(f"{file}: fields do not fit the {kind} user model ({e})") from None
+    try:
+        user_model.load_state_dict(load_file(str(directory / "user_model.safetensors")))
+    except RuntimeError as e:
+        raise ValueError(f"{directory / 'user_model.safetensors'} does not fit {file}: {e}") from None
+    registry = UserRegistry.load(directory / "users.json")
+    if len(registry) - 1 != user_model.n_users:
+        raise ValueError(f"{directory}: users.json lists {len(registry) - 1} users, "
+                         f"user_model.json says {user_model.n_users}")
+    return user_model, registry
+
+
+# ----------------------------------------------------------------------------------------------
+# Personalized log-probabilities (PAPER.md, "Personalized LM")
+
+
+def embed_with_user_prefix(model, input_ids: torch.Tensor, user_embeddings: torch.Tensor) -> torch.Tensor:
+    """[BOS] [e_u] [user text] [prompt] [response]: the T_u user vectors go right after position 0.
+
+    input_ids (N, T) already hold any user text after BOS, so the text goes through the LM's own
+    token embedding. user_embeddings (N, T_u, d). Returns (N, T_u + T, d).
+    """
+    token_embeds = model.tok_embeddings(input_ids)  # (N, T, d)
+    if user_embeddings.shape[1] == 0:
+        return token_embeds
+    user_embeddings = user_embeddings.to(token_embeds.dtype)  # user model is float32, the LM may be bf16
+    return torch.cat([token_embeds[:, :1], user_embeddings, token_embeds[:, 1:]], dim=1)  # (N, T_u + T, d)
+
+
+def user_conditioned_hidden(model, user_model, input_ids: torch.Tensor, user_rows: torch.Tensor) -> torch.Tensor:
+    """Final hidden states of [BOS] [e_u] [rest of input_ids], prefix positions dropped: (N, T, d).
+
+    Positions run 0..T_u+T-1 over the whole sequence, prefix included. After dropping the first T_u
+    outputs, hidden[:, t] is the state that predicts input_ids[:, t + 1], exactly as without a prefix
+    (hidden[:, 0] is the last user vector, or BOS when T_u = 0). No attention mask: padding is on the right.
+    """
+    user_embeddings = user_model(user_rows)  # (N, T_u, d)
+    inputs_embeds = embed_with_user_prefix(model, input_ids, user_embeddings)  # (N, T_u + T, d)
+    hidden = model(inputs_embeds=inputs_embeds, return_hidden=True)  # (N, T_u + T, d)
+    return hidden[:, user_embeddings.shape[1]:]  # (N, T, d)
+
+
+def response_logps(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                   average: bool = False) -> torch.Tensor:
+    """log pi(y | x, u) = sum_t log p(y_t | BOS, e_u, x, y_<t), over response tokens only: (N,).
+
+    hidden (N, T, d), hidden[:, t] predicting input_ids[:, t + 1]; response_mask (N, T) True at response
+    tokens (pads and prompt are never scored). average=True gives the mean over the response tokens
+    instead of the sum (TRL's IPO normalization). The LM head runs only at the positions that predict
+    a response token, and the log-softmax is taken in float32 as logit - logsumexp: no (N, T, V) tensor.
+    """
+    predicts_response = response_mask[:, 1:]  # (N, T - 1): position t predicts token t + 1
+    targets = input_ids[:, 1:][predicts_response]  # (n,) response tokens of all rows
+    logits = lm_head(hidden[:, :-1][predicts_response]).float()  # (n, V)
+    token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)  # (n,)
+    per_token = token_logps.new_zeros(predicts_response.shape)  # (N, T - 1), zero where nothing is scored
+    per_token = per_token.masked_scatter(predicts_response, token_logps)
+    logps = per_token.sum(dim=-1)  # (N,)
+    if average:
+        logps = logps / predicts_response.sum(dim=-1).clamp(min=1)
+    return logps
+
+
+def policy_rows(batch: dict, alpha: float, user_model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
+    """Everything one training step asks of the policy, stacked for one forward pass.
+
+    The personalized term (user rows, e_u) is needed when alpha > 0, the generic term (row 0, e_0) when
+    alpha < 1: 2B rows for alpha in {0, 1}, 4B rows in between. The uniform model gives every user e_0,
+    so there one block of 2B rows serves both terms. The generic rows keep any user text: only the
+    implicit embedding becomes e_0, as for an unseen user who describes themselves.
+    Returns input_ids (n*2B, T), response_mask (n*2B, T), user_rows (n*2B,) and, per block of 2B rows,
+    the terms it serves.
+    """
+    input_ids, response_mask = batch["policy_input_ids"], batch["policy_response_mask"]  # (2B, T) each
+    rows = batch["user_rows"].repeat(2)  # (2B,): the chosen rows, then the rejected rows
+    needed = (["policy"] if alpha > 0 else []) + (["generic"] if alpha < 1 else [])
+    blocks = [needed] if isinstance(user_model, UniformUserModel) else [[term] for term in needed]
+    user_rows = torch.cat([rows if block[0] == "policy" else torch.zeros_like(rows) for block in blocks])  # (n*2B,)
+    n = len(blocks)
+    return input_ids.repeat(n, 1), response_mask.repeat(n, 1), user_rows, blocks  # (n*2B, T), (n*2B, T)
+
+
+def split_terms(values: torch.Tensor, blocks: list, names: dict) -> dict:
+    """(n*2B,) -> {name: (B,)}: chosen and rejected of each term a block serves; None for the others."""
+    chunks = values.chunk(2 * len(blocks))  # [block 0 chosen, block 0 rejected, block 1 chosen, ...]
+    out = dict.fromkeys(names["policy"] + names["generic"])
+    for i, block in enumerate(blocks):
+        for term in block:
+            out[names[term][0]], out[names[term][1]] = chunks[2 * i], chunks[2 * i + 1]
+    return out
+
+
+LOGP_NAMES = {"policy": ("policy_chosen_logps", "policy_rejected_logps"),
+              "generic": ("generic_chosen_logps", "generic_rejected_logps")}
+
+
+def policy_logps(model, user_model, batch: dict, alpha: float, average: bool = False) -> dict:
+    """log pi(y_w | x, u), log pi(y_l | x, u) and, for eq. (pdpo)'s generic term, the same with e_0.
+
+    One forward of 2B or 4B rows (see policy_rows). Returns a dict of (B,) tensors
+    policy_chosen_logps, policy_rejected_logps (None when alpha == 0) and generic_chosen_logps,
+    generic_rejected_logps (None when alpha == 1). For evaluation use alpha=1: unknown users already
+    have row 0. average: mean over response tokens instead of the sum (for IPO).
+    """
+    input_ids, response_mask, user_rows, blocks = policy_rows(batch, alpha, user_model)
+    hidden = user_conditioned_hidden(model, user_model, input_ids, user_rows)  # (n*2B, T, d)
+    logps = response_logps(model.output, hidden, input_ids, response_mask, average)  # (n*2B,)
+    return split_terms(logps, blocks, LOGP_NAMES)
+
+
+@torch.no_grad()
+def reference_logps(model, batch: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """log pi_ref(y_w | x), log pi_ref(y_l | x), each (B,): [BOS] [prompt] [response], no user information.
+
+    One no-grad pass of 2B rows, shared by the personalized and the generic term. The caller picks the
+    model: the policy with LoRA adapters disabled, or a frozen copy for full fine-tuning.
+    """
+    input_ids, response_mask = batch["reference_input_ids"], batch["reference_response_mask"]  # (2B, T')
+    hidden = model(input_ids, return_hidden=True)  # (2B, T', d)
+    logps = response_logps(model.output, hidden, input_ids, response_mask, average)  # (2B,)
+    return tuple(logps.chunk(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# P-DPO, eq. (pdpo), and the P-*PO family
+
+
+def preference_loss(logits: torch.Tensor, *, beta: float, loss_type: str = "dpo",
+                    label_smoothing: float = 0.0) -> torch.Tensor:
+    """Per-pair loss from the log-ratio difference (B,) -> (B,).
+
+    logits = (log pi(y_w) - log pi_ref(y_w)) - (log pi(y_l) - log pi_ref(y_l)),   h = beta * logits
+      dpo:   -log sigmoid(h)                                              (DPO paper, eq. 7)
+      cdpo:  -(1 - eps) log sigmoid(h) - eps log sigmoid(-h)              (conservative DPO, eps = label_smoothing,
+                                                                           the DPO authors' reference code)
+      ipo:   (logits - 1 / (2 beta))^2                                    (IPO paper, eq. 17; beta is its tau)
+    label_smoothing is read by "cdpo" only.
+    """
+    if loss_type == "dpo":
+        return -F.logsigmoid(beta * logits)
+    if loss_type == "cdpo":
+        eps = label_smoothing
+        return -(1 - eps) * F.logsigmoid(beta * logits) - eps * F.logsigmoid(-beta * logits)
+    if loss_type == "ipo":
+        return (logits - 1 / (2 * beta)) ** 2
+    raise ValueError(f"loss_type={loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+
+
+def mix_terms(personalized: torch.Tensor | None, generic: torch.Tensor | None, alpha: float) -> torch.Tensor:
+    """Per pair: alpha * l(e_u) + (1 - alpha) * l(e_0), the expectation of eq. (pdpo).
+
+    A term whose weight is zero is dropped (and may be None): alpha = 1 is the personalized loss alone.
+    """
+    if alpha == 1:
+        return personalized
+    if alpha == 0:
+        return generic
+    return alpha * personalized + (1 - alpha) * generic
+
+
+def check_alpha_terms(alpha: float, personalized, generic, what: str) -> None:
+    if not 0 <= alpha <= 1:
+        raise ValueError(f"alpha={alpha}: the weight of the personalized term must lie in [0, 1]")
+    if alpha > 0 and personalized is None:
+        raise ValueError(f"alpha={alpha} > 0 needs the personalized {what}")
+    if alpha < 1 and generic is None:
+        raise ValueError(f"alpha={alpha} < 1 mixes in the generic term (eq. pdpo): pass the generic {what} "
+                         f"(computed by the same call with the same alpha)")
+
+
+def pdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+              generic_chosen_logps=None, generic_rejected_logps=None, *, alpha: float, beta: float,
+              loss_type: str = "dpo", label_smoothing: float = 0.0) -> dict:
+    """P-DPO, eq. (pdpo), per pair (all inputs (B,)):
+
+        L = -[ alpha * log sigmoid(h(e_u)) + (1 - alpha) * log sigmoid(h(e_0)) ]
+        h(e) = beta * [ (log pi(y_w|x,e) - log pi_ref(y_w|x)) - (log pi(y_l|x,e) - log pi_ref(y_l|x)) ]
+
+    with -log sigmoid replaced by the cDPO or IPO per-pair loss for loss_type "cdpo" / "ipo" (label_smoothing
+    is cDPO's eps and is used by "cdpo" only). Both terms
+    share the reference log-probs. Returns (B,) tensors: losses (differentiable; take .mean()), and,
+    detached, the implicit rewards r(x, y, u) = beta * (log pi(y|x,u) - log pi_ref(y|x)) chosen_rewards,
+    rejected_rewards, accuracies (chosen_reward > rejected_reward), and the generic term's
+    generic_chosen_rewards, generic_rejected_rewards, generic_accuracies. A term not given is None.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+    check_alpha_terms(alpha, policy_chosen_logps, generic_chosen_logps, "log-probs")
+
+    def term(chosen_logps, rejected_logps):
+        """One user embedding's per-pair loss and implicit rewards; Nones when the term is absent."""
+        if chosen_logps is None:
+            return None, None, None
+        chosen_logratios = chosen_logps - reference_chosen_logps  # (B,)
+        rejected_logratios = rejected_logps - reference_rejected_logps  # (B,)
+        losses = preference_loss(chosen_logratios - rejected_logratios, beta=beta, loss_type=loss_type,
+                                 label_smoothing=label_smoothing)
+        return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+    losses, chosen_rewards, rejected_rewards = term(policy_chosen_logps, policy_rejected_logps)
+    generic_losses, generic_chosen_rewards, generic_rejected_rewards = term(generic_chosen_logps,
+                                                                            generic_rejected_logps)
+    return {"losses": mix_terms(losses, generic_losses, alpha),
+            "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
+            "accuracies": accuracy(chosen_rewards, rejected_rewards),
+            "generic_chosen_rewards": generic_chosen_rewards, "generic_rejected_rewards": generic_rejected_rewards,
+            "generic_accuracies": accuracy(generic_chosen_rewards, generic_rejected_rewards)}
+
+
+def accuracy(chosen_rewards, rejected_rewards):
+    """Per pair 1.0 where r(x, y_w, u) > r(x, y_l, u), else 0.0 (ties count as wrong); None if absent."""
+    return None if chosen_rewards is None else (chosen_rewards > rejected_rewards).float().detach()
+
+
+# ----------------------------------------------------------------------------------------------
+# Personalized reward model (P-RM)
+
+
+class RewardHead(nn.Module):
+    """r_phi(x, y, u): a linear map d -> 1 of the final hidden state at the last response token (EOS)."""
+
+    def __init__(self, hidden_size: int):
+        super().__init__()
+        self.score = nn.Linear(hidden_size, 1)
+
+    def forward(self, hidden: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+        """hidden (N, T, d) aligned with the input ids, response_mask (N, T) -> rewards (N,) in float32."""
+        positions = torch.arange(response_mask.shape[1], device=response_mask.device)  # (T,)
+        last = (positions * response_mask).amax(dim=-1)  # (N,): the last response token, before right padding
+        last_hidden = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]  # (N, d)
+        return self.score(last_hidden.to(self.score.weight.dtype)).squeeze(-1).float()  # (N,)
+
+
+REWARD_NAMES = {"policy": ("chosen_rewards", "rejected_rewards"),
+                "generic": ("generic_chosen_rewards", "generic_rejected_rewards")}
+
+
+def personalized_rewards(model, head: RewardHead, user_model, batch: dict, alpha: float) -> dict:
+    """r(x, y_w, u), r(x, y_l, u) and, for the generic term, the same with e_0, each (B,).
+
+    One forward of 2B or 4B rows, like policy_logps. Keys chosen_rewards, rejected_rewards (None when
+    alpha == 0), generic_chosen_rewards, generic_rejected_rewards (None when alpha == 1).
+    """
+    input_ids, response_mask, user_rows, blocks = policy_rows(batch, alpha, user_model)
+    hidden = user_conditioned_hidden(model, user_model, input_ids, user_rows)  # (n*2B, T, d)
+    return split_terms(head(hidden, response_mask), blocks, REWARD_NAMES)
+
+
+def prm_loss(chosen_rewards, rejected_rewards, generic_chosen_rewards=None, generic_rejected_rewards=None, *,
+             alpha: float) -> dict:
+    """P-RM: personalized Bradley-Terry, per pair (inputs (B,)):
+
+        L = -[ alpha * log sigmoid(r(x,y_w,u) - r(x,y_l,u)) + (1 - alpha) * log sigmoid(r(x,y_w,0) - r(x,y_l,0)) ]
+
+    Returns losses (B,), accuracies (r(x,y_w,u) > r(x,y_l,u)) and generic_accuracies (None if absent).
+    """
+    check_alpha_terms(alpha, chosen_rewards, generic_chosen_rewards, "rewards")
+
+    def bradley_terry(chosen, rejected):
+        return None if chosen is None else -F.logsigmoid(chosen - rejected)
+
+    return {"losses": mix_terms(bradley_terry(chosen_rewards, rejected_rewards),
+                                bradley_terry(generic_chosen_rewards, generic_rejected_rewards), alpha),
+            "accuracies": accuracy(chosen_rewards, rejected_rewards),
+            "generic_accuracies": accuracy(generic_chosen_rewards, generic_rejected_rewards)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Named configurations: every experiment compares P-DPO against vanilla DPO
+
+
+@dataclass
+class PDPOConfig:
+    """One arm of an experiment: the user model and the objective (PAPER.md symbols in comments)."""
+
+    user_model: str = "individual"  # uniform | individual | cluster
+    n_user_tokens: int = 1  # T_u (0: no implicit user embedding)
+    n_clusters: int = 5  # K, cluster model only
+    add_generic_user: bool = True  # individual: e_i = e_0 + o_i (else o_i)
+    alpha: float = 0.5  # weight of the personalized term
+    beta: float = 0.5  # strength of the KL regularization (IPO: tau)
+    loss_type: str = "dpo"  # dpo | cdpo | ipo
+    label_smoothing: float = 0.0  # cdpo's eps
+
+    def __post_init__(self):
+        if self.user_model not in USER_MODEL_KINDS:
+            raise ValueError(f"user_model={self.user_model!r}: expected one of {', '.join(USER_MODEL_KINDS)}")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type={self.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha={self.alpha}: must lie in [0, 1]")
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ValueError(f"beta={self.beta}: must be a positive number")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"label_smoothing={self.label_smoothing}: must lie in [0, 0.5)")
+
+    @classmethod
+    def vanilla(cls, **overrides) -> "PDPOConfig":
+        """Vanilla DPO: the uniform user model without embedding and alpha = 1 (PAPER.md)."""
+        return cls(**{**VANILLA_DPO, **overrides})
+
+    @property
+    def average_logps(self) -> bool:
+        """IPO scores the mean log-prob per response token (as TRL and the IPO authors); DPO/cDPO the sum."""
+        return self.loss_type == "ipo"
+
+
+VANILLA_DPO = dict(user_model="uniform", n_user_tokens=0, alpha=1.0)
