@@ -1,0 +1,171 @@
+"""train.py: LoRA, a short run whose loss falls, resume equality, the non-finite guard, the command line."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import data
+import model as lm
+import train as T
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def toy(tmp_path_factory):
+    """A tiny LLaMA-style checkpoint with the toy tokenizer, and a small toy task on disk."""
+    d = tmp_path_factory.mktemp("toy")
+    tok = data.train_bpe_tokenizer(data.toy_corpus_texts(0, n_examples=300), 300, out_dir=d / "base")
+    cfg = lm.ModelConfig(family="llama", vocab_size=tok.vocab_size, hidden_size=32, n_layers=2, n_heads=4,
+                         n_kv_heads=2, head_dim=8, intermediate_size=64, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    lm.save_pretrained(lm.build_model(cfg, seed=0), d / "base")
+    train_pairs, valid_pairs = data.make_toy_task(seed=0, n_users=4, pairs_per_user=12, n_valid_per_user=4,
+                                                  n_unseen_users=2)
+    data.write_pairs(d / "train.jsonl", train_pairs)
+    data.write_pairs(d / "valid.jsonl", valid_pairs)
+    return d
+
+
+def config(toy, out, **kw):
+    base = dict(stage="pdpo", model=str(toy / "base"), data=str(toy / "train.jsonl"), out=str(out), quiet=True,
+                batch_size=4, grad_accum=2, lr=1e-3, warmup_steps=2, max_steps=6, beta=0.1, max_length=96,
+                max_prompt_length=32)
+    base.update(kw)
+    return T.TrainConfig(**base)
+
+
+def trained_tensors(run):
+    return load_file(str(Path(run) / "checkpoint" / "trainable.safetensors"))
+
+
+def test_lora_merged_equals_unmerged(toy, tmp_path):
+    model = lm.load_pretrained(toy / "base")
+    ids = torch.randint(3, model.config.vocab_size, (2, 9))
+    before = model(ids)
+    T.add_lora(model, r=4, alpha=8, dropout=0.0, targets=["wq", "wv", "w2", "tok_embeddings"])
+    torch.manual_seed(1)
+    for m in T.lora_modules(model):  # adapters away from their zero start
+        torch.nn.init.normal_(m.lora_A, std=0.1)
+        torch.nn.init.normal_(m.lora_B, std=0.1)
+    with torch.no_grad():
+        unmerged = model(ids)
+        with T.lora_disabled(model):
+            assert torch.allclose(model(ids), before, atol=1e-6)  # adapters off = the base model
+        assert (unmerged - before).abs().max() > 1e-3  # the adapters do something
+        merged = T.merge_lora(model)(ids)
+    assert model.config.tie_word_embeddings  # so tok_embeddings was left without an adapter
+    assert not T.lora_modules(model)
+    assert torch.allclose(merged, unmerged, atol=1e-5), (merged - unmerged).abs().max()
+
+
+def test_lora_run_saves_adapters_and_merges(toy, tmp_path):
+    out = tmp_path / "lora"
+    T.train(config(toy, out, lora_r=4, lora_dropout=0.0, lr=1e-2, merge=True))
+    assert (out / "adapter.safetensors").is_file() and not (out / "model.safetensors").is_file()
+    run = T.load_run(out)  # base + adapters, merged on load
+    merged = lm.load_pretrained(out / "merged")
+    base = lm.load_pretrained(toy / "base")
+    ids = torch.randint(3, merged.config.vocab_size, (2, 7))
+    with torch.no_grad():
+        assert torch.allclose(run.model(ids), merged(ids), atol=1e-5)
+        assert (merged(ids) - base(ids)).abs().max() > 1e-4  # training moved the adapters
+    frozen = [k for k in trained_tensors(out) if k.startswith("model.") and "lora_" not in k]
+    assert frozen == []  # only adapters (and the user model) are trained with LoRA
+
+
+def test_short_run_loss_falls(toy, tmp_path):
+    out = tmp_path / "run"
+    summary = T.train(config(toy, out, max_steps=30, lr=3e-3, user_lr=1e-2, valid=str(toy / "valid.jsonl")))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 30
+    first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < first - 0.05, (first, last)
+    assert set(summary["groups"]) == {"long", "short", "unseen"}
+    for name in ("args.json", "config.json", "model.safetensors", "user_model.json", "tokenizer.json", "eval.json"):
+        assert (out / name).is_file(), name
+
+
+def test_resume_equals_uninterrupted(toy, tmp_path, monkeypatch):
+    kw = dict(max_steps=8, save_every=1, lora_r=0, user_lr=1e-2)
+    T.train(config(toy, tmp_path / "straight", **kw))
+
+    real_get_lr = T.get_lr
+
+    def interrupt_at_step_5(step, *args):
+        if step == 5:
+            raise KeyboardInterrupt  # as Ctrl-C would, in the middle of the run
+        return real_get_lr(step, *args)
+
+    monkeypatch.setattr(T, "get_lr", interrupt_at_step_5)
+    with pytest.raises(SystemExit) as exit_info:
+        T.train(config(toy, tmp_path / "resumed", **kw))
+    assert exit_info.value.code == 130
+    assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == 5
+    monkeypatch.setattr(T, "get_lr", real_get_lr)
+    T.train(config(toy, tmp_path / "resumed", resume=True, **kw))
+    a, b = trained_tensors(tmp_path / "straight"), trained_tensors(tmp_path / "resumed")
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_nonfinite_loss_stops_and_keeps_last_checkpoint(toy, tmp_path, monkeypatch, capsys):
+    real = T.pdpo_batch_loss
+    calls = {"n": 0}
+
+    def nan_on_fifth_batch(*args):
+        calls["n"] += 1
+        loss, m = real(*args)
+        return (loss * float("nan") if calls["n"] == 5 else loss), m
+
+    monkeypatch.setattr(T, "pdpo_batch_loss", nan_on_fifth_batch)
+    out = tmp_path / "nan"
+    with pytest.raises(SystemExit) as exit_info:
+        T.train(config(toy, out, save_every=1))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "non-finite loss" in err and "step 2" in err  # batches 1-4 are steps 0-1 with grad_accum 2
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 2
+    assert all(torch.isfinite(v).all() for v in trained_tensors(out).values())
+
+
+def test_sft_stage_learns_responses(toy, tmp_path):
+    out = tmp_path / "sft"
+    T.train(config(toy, out, stage="sft", sft_on="both", max_steps=25, lr=3e-3))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"] - 0.5
+    assert not (out / "user_model.json").exists()  # SFT is not personalized
+
+
+def test_prm_stage_runs_and_saves_head(toy, tmp_path):
+    out = tmp_path / "prm"
+    summary = T.train(config(toy, out, stage="prm", max_steps=4, valid=str(toy / "valid.jsonl")))
+    assert (out / "reward_head.safetensors").is_file()
+    assert T.load_run(out).reward_head is not None
+    assert sum(g["pairs"] for g in summary["groups"].values()) > 0
+
+
+def run_cli(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "train.py", *args], cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_help_names_paper_symbols():
+    r = run_cli("--help")
+    assert r.returncode == 0
+    for text in ("--alpha", "alpha", "--beta", "--n-user-tokens", "T_u", "--resume", "--lora-r"):
+        assert text in r.stdout, text
+
+
+def test_bad_data_fails_fast_with_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"user": "a", "prompt": "p", "chosen": "c", "rejected": "r"}\n{"user": "a", "prompt": 3}\n')
+    r = run_cli("--model", str(tmp_path / "no-such-model"), "--data", str(bad), "--out", str(tmp_path / "o"))
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"{bad}:2:" in lines[0], r.stderr
