@@ -465,7 +465,8 @@ def load_pretrained(path, dtype=torch.float32, device="cpu") -> Transformer:
     mapping = hf_key_map(cfg)
     params = dict(model.named_parameters())
     missing = sorted(set(mapping) - set(files))
-    unexpected = sorted(n for n in files if n not in mapping and not n.endswith(IGNORED_HF_SUFFIXES))
+    ignored = IGNORED_HF_SUFFIXES + (("lm_head.weight",) if cfg.tie_word_embeddings else ())  # a tied copy
+    unexpected = sorted(n for n in files if n not in mapping and not n.endswith(ignored))
     wrong_shape = []
     for file in sorted(set(files.values())):
         with safe_open(file, framework="pt", device="cpu") as f:
@@ -509,6 +510,7 @@ def save_pretrained(model: Transformer, path, max_shard_bytes: int | None = None
     _atomic_write_text(path / "config.json", json.dumps({**model.config.to_hf(), "torch_dtype": dtype}, indent=2))
     if len(shards) == 1:
         _atomic_save(save_file, shards[0], path / "model.safetensors")
+        _remove_stale_weights(path, keep={"model.safetensors"})
         return
     weight_map = {}
     for k, shard in enumerate(shards):
@@ -518,6 +520,16 @@ def save_pretrained(model: Transformer, path, max_shard_bytes: int | None = None
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     _atomic_write_text(path / "model.safetensors.index.json",
                        json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    _remove_stale_weights(path, keep={"model.safetensors.index.json", *weight_map.values()})
+
+
+def _remove_stale_weights(path: Path, keep: set[str]):
+    """Delete weight files of an earlier save into the same directory: a stale index would be read
+    instead of a new model.safetensors, and stale shards would sit next to the new ones."""
+    for old in [path / "model.safetensors", path / "model.safetensors.index.json",
+                *path.glob("model-*-of-*.safetensors")]:
+        if old.name not in keep and old.is_file():
+            old.unlink()
 
 
 def _atomic_save(save_file, tensors, file: Path):
