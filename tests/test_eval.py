@@ -1,0 +1,359 @@
+"""eval.py: intervals and tables on hand-made cases, the report with and without matplotlib, reward-model
+runs, adapting to a new user on the toy task, inspecting users, and messages for people."""
+import hashlib
+import json
+import math
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import data
+import eval as E
+import model as lm
+import prlhf
+import train as T
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """A tiny LLaMA-style base, a small toy task, and four short runs trained from the base:
+    P-DPO (individual, T_u = 4), vanilla DPO, P-DPO with the cluster model (K = 2), and a P-RM."""
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is faster, and steady on a busy machine
+    d = tmp_path_factory.mktemp("eval")
+    tok = data.train_bpe_tokenizer(data.toy_corpus_texts(0, n_examples=300), 300, out_dir=d / "base")
+    cfg = lm.ModelConfig(family="llama", vocab_size=tok.vocab_size, hidden_size=32, n_layers=2, n_heads=4,
+                         n_kv_heads=2, head_dim=8, intermediate_size=64, tie_word_embeddings=True,
+                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    lm.save_pretrained(lm.build_model(cfg, seed=0), d / "base")
+    train_pairs, valid_pairs = data.make_toy_task(seed=0, n_users=4, pairs_per_user=16, n_valid_per_user=4,
+                                                  n_unseen_users=2)
+    data.write_pairs(d / "train.jsonl", train_pairs)
+    data.write_pairs(d / "valid.jsonl", valid_pairs)
+    common = dict(stage="pdpo", model=str(d / "base"), data=str(d / "train.jsonl"), valid=str(d / "valid.jsonl"),
+                  quiet=True, batch_size=8, grad_accum=1, lr=3e-3, user_lr=0.1, warmup_steps=2, beta=0.1,
+                  max_length=64, max_prompt_length=16, n_user_tokens=4, max_steps=4)
+    arms = {"pdpo": dict(max_steps=40),  # long enough for the LM to listen to e_u (known short users: 1.0)
+            "dpo": dict(user_model="uniform", n_user_tokens=0, alpha=1.0, max_steps=8),
+            "cluster": dict(user_model="cluster", n_clusters=2),
+            "prm": dict(stage="prm")}
+    for name, kw in arms.items():
+        T.train(T.TrainConfig(**{**common, "out": str(d / name), **kw}))
+    yield d
+    torch.set_num_threads(previous_threads)
+
+
+def write(path, pairs):
+    data.write_pairs(path, pairs)
+    return path
+
+
+def sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------
+# Intervals and tables: hand-made cases with known answers
+
+
+def test_wilson_interval_known_values():
+    # 8 of 10: the textbook example (Newcombe 1998, method 3): 0.4902 to 0.9433
+    lo, hi = E.wilson_interval(8, 10)
+    assert (round(lo, 4), round(hi, 4)) == (0.4902, 0.9433)
+    assert E.wilson_interval(0, 10) == pytest.approx((0.0, 1.96 ** 2 / (10 + 1.96 ** 2)), abs=1e-4)  # 0.2775
+    assert E.wilson_interval(10, 10) == pytest.approx((10 / (10 + 1.96 ** 2), 1.0), abs=1e-4)
+    assert E.wilson_interval(0, 0) == (0.0, 1.0)
+
+
+@pytest.mark.parametrize("correct,n", [(1, 3), (7, 20), (50, 100), (199, 200)])
+def test_wilson_interval_inverts_the_score_test(correct, n):
+    """The interval's ends are where |p_hat - p| = z sqrt(p (1 - p) / n): found here by bisection."""
+    p_hat, z = correct / n, 1.959963984540054
+
+    def outside(p):
+        return abs(p_hat - p) - z * math.sqrt(p * (1 - p) / n)
+
+    def root(a, b):  # outside(a) > 0 >= outside(b), or the reverse
+        for _ in range(100):
+            m = (a + b) / 2
+            a, b = (m, b) if (outside(m) > 0) == (outside(a) > 0) else (a, m)
+        return (a + b) / 2
+
+    lo, hi = E.wilson_interval(correct, n)
+    assert lo == pytest.approx(root(1e-15, p_hat), abs=1e-9)
+    assert hi == pytest.approx(root(1 - 1e-15, p_hat), abs=1e-9)
+
+
+def record(user, group, margin, status="known"):
+    return {"user": user, "group": group, "margin": margin, "correct": margin > 0, "status": status, "all": "all"}
+
+
+def test_tables_on_hand_made_records():
+    records = [record("a", "long", 1.0), record("a", "long", -2.0), record("a", "long", 3.0), record("a", "long", 0.0),
+               record("b", "short", 0.5), record("b", "short", 0.5),
+               record("z", "unseen", -1.0, "unseen")]
+    gens = [{"user": "a", "group": "long", "status": "known", "all": "all", "response_tokens": n} for n in (10, 2, 6)] \
+        + [{"user": "b", "group": "short", "status": "known", "all": "all", "response_tokens": n} for n in (3, 5)]
+    r = E.run_results("pdpo", records, gens)
+    a = r["users"]["a"]
+    assert (a["accuracy"], a["pairs"], a["correct"], a["mean_margin"]) == (0.5, 4, 2, 0.5)  # a tie is wrong
+    assert a["ci95"] == list(E.wilson_interval(2, 4))
+    assert (a["mean_response_tokens"], a["response_tokens"]) == (6.0, {"samples": 3, "median": 6, "min": 2, "max": 10})
+    assert r["users"]["b"]["response_tokens"]["median"] == 4.0  # even count: mean of the middle two
+    assert r["users"]["z"]["known"] is False and a["known"] is True
+    assert r["users"]["z"]["mean_response_tokens"] is None  # no generations for z
+    assert r["status"]["known"]["pairs"] == 6 and r["status"]["known"]["correct"] == 4
+    assert r["groups"]["short"]["accuracy"] == 1.0
+    assert r["overall"]["accuracy"] == pytest.approx(4 / 7)
+    unlabelled = [{**x, "group": "(none)"} for x in records]
+    assert E.run_results("pdpo", unlabelled, [])["groups"] == {}  # no group table without labels
+
+
+# ----------------------------------------------------------------------------------------------
+# Scoring a run
+
+
+def test_swapped_pairs_and_unseen_users_score_as_they_must(runs):
+    """Swapping y_w and y_l negates every margin; an unseen user gets exactly e_0's margins."""
+    valid = data.read_pairs(runs / "valid.jsonl")
+    known = [p for p in valid if p.user == "user_01"]
+    swapped = [data.Pair(p.user, p.prompt, p.rejected, p.chosen, group=p.group) for p in known]
+    stranger = [data.Pair("stranger", p.prompt, p.chosen, p.rejected) for p in known]
+    run = E.open_run(runs / "pdpo", torch.float32, "cpu")
+    reference = E.load_reference(runs / "pdpo", run, None, torch.float32, "cpu")
+    score = lambda pairs: E.score_run(run, reference, pairs, device="cpu")  # noqa: E731
+    original, flipped, unseen = score(known), score(swapped), score(stranger)
+    assert [r["margin"] for r in flipped] == pytest.approx([-r["margin"] for r in original], abs=1e-5)
+    assert {r["status"] for r in original} == {"known"} and {r["status"] for r in unseen} == {"unseen"}
+    generic = E.row_accuracy(run, run.user_model, 0, E.tokenize(run, known), "cpu",
+                             E.online_reference(reference, False))
+    assert generic["mean_margin"] == pytest.approx(sum(r["margin"] for r in unseen) / len(unseen), abs=1e-5)
+    assert abs(generic["mean_margin"] - sum(r["margin"] for r in original) / len(original)) > 1e-3  # e_u != e_0
+
+
+def test_report_with_baseline_and_plots(runs, tmp_path):
+    out = tmp_path / "report"
+    results = E.evaluate_runs([runs / "pdpo", runs / "dpo"], runs / "valid.jsonl", out=out, samples_per_user=2,
+                              max_new_tokens=6, quiet=True)
+    assert list(results) == ["pdpo", "dpo"]
+    assert json.loads((out / "results.json").read_text()) == json.loads(json.dumps(results))
+    for name in ("pdpo", "dpo"):  # train.py evaluated the same pairs at the end of training: same numbers
+        trained = json.loads((runs / name / "eval.json").read_text())
+        for section in ("groups", "users"):
+            for key, entry in trained[section].items():
+                ours = results[name][section][key]
+                assert (ours["accuracy"], ours["pairs"]) == (entry["accuracy"], entry["pairs"]), (name, key)
+                assert ours["mean_margin"] == pytest.approx(entry["mean_margin"], abs=1e-4)
+        for entry in results[name]["groups"].values():
+            assert set(entry) >= {"accuracy", "ci95", "pairs", "mean_response_tokens"}
+            assert 0 < entry["mean_response_tokens"] <= 6
+    assert set(results["pdpo"]["groups"]) == {"long", "short", "unseen"}
+    assert results["pdpo"]["users"]["new_01"]["known"] is False
+    gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert len(gens) == 2 * 6 * 2  # runs x users x prompts per user
+    assert [g["prompt"] for g in gens if g["run"] == "pdpo"] == [g["prompt"] for g in gens if g["run"] == "dpo"]
+    report = (out / "report.md").read_text()
+    assert "| group | pairs | pdpo | dpo |" in report and "Wilson" in report
+    assert "unseen by run pdpo (new_01, new_02)" in report
+    for png in ("accuracy_per_user.png", "response_lengths.png", "user_embeddings.png"):
+        assert (out / png).stat().st_size > 1000 and f"]({png})" in report
+
+
+def test_report_without_matplotlib(runs, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` now raises ImportError
+    monkeypatch.setitem(sys.modules, "matplotlib.pyplot", None)
+    out = tmp_path / "plain"
+    E.evaluate_runs([runs / "pdpo"], runs / "valid.jsonl", out=out, samples_per_user=1, max_new_tokens=3, quiet=True)
+    assert "Plots skipped: matplotlib is not installed" in (out / "report.md").read_text()
+    assert (out / "results.json").is_file() and not list(out.glob("*.png"))
+
+
+def test_reward_model_run_scored_by_its_head(runs, tmp_path):
+    results = E.evaluate_runs([runs / "prm"], runs / "valid.jsonl", out=tmp_path, quiet=True)
+    trained = json.loads((runs / "prm" / "eval.json").read_text())
+    assert results["prm"]["stage"] == "prm"
+    for group, entry in trained["groups"].items():
+        assert results["prm"]["groups"][group]["accuracy"] == entry["accuracy"]
+        assert results["prm"]["groups"][group]["mean_response_tokens"] is None  # a reward model does not generate
+    assert "reward model (prm)" in (tmp_path / "report.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# New users from a few examples
+
+
+def test_adaptation_beats_the_generic_embedding_on_held_out_pairs(runs):
+    """A fresh toy user who prefers the minority's short answers: e_0 serves them badly, their own row well."""
+    run = E.open_run(runs / "pdpo", torch.float32, "cpu")
+    reference = E.load_reference(runs / "pdpo", run, None, torch.float32, "cpu")
+    fit, held_out = E.toy_user_pairs("newcomer", 16, 40, seed=1000)
+    curve = E.adaptation_curve(run, reference, fit, held_out, "newcomer", device="cpu", sizes=(4, 16), steps=16,
+                               quiet=True)
+    assert [p["fit_pairs"] for p in curve] == [0, 4, 16] and {p["pairs"] for p in curve} == {40}
+    generic, adapted = curve[0]["accuracy"], curve[-1]["accuracy"]
+    assert generic < 0.5, curve  # the generic embedding leans to the long-preferring majority
+    assert adapted > generic + 0.3 and curve[-1]["ci95"][0] > curve[0]["ci95"][1], curve
+
+
+def test_adapt_saves_a_new_row_and_serves_the_user_as_known(runs, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs / "pdpo", run_dir, ignore=shutil.ignore_patterns("checkpoint"))
+    before, weights = prlhf.load_user_model(run_dir), sha(run_dir / "model.safetensors")
+    fit, held_out = E.toy_user_pairs("newcomer", 16, 12, seed=2000)
+    E.main(["adapt", str(run_dir), "--user", "newcomer", "--data", str(write(tmp_path / "fit.jsonl", fit)),
+            "--steps", "16", "--quiet"])
+    assert "newcomer is now a known user" in capsys.readouterr().out
+    user_model, registry = prlhf.load_user_model(run_dir)
+    assert registry.users == before[1].users + ["newcomer"]  # appended: known users keep their rows
+    assert torch.equal(user_model.embeddings[:-1], before[0].embeddings)  # e_0 and other users frozen
+    assert sha(run_dir / "model.safetensors") == weights  # the LM too
+    results = E.evaluate_runs([run_dir], write(tmp_path / "held.jsonl", held_out), out=tmp_path / "r",
+                              samples_per_user=0, quiet=True)
+    assert results["run"]["users"]["newcomer"]["known"] is True
+    assert results["run"]["users"]["newcomer"]["accuracy"] >= 0.75
+
+
+def test_adapt_curve_command_saves_nothing_into_the_user_model(runs, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs / "pdpo", run_dir, ignore=shutil.ignore_patterns("checkpoint"))
+    users = sha(run_dir / "users.json"), sha(run_dir / "user_model.safetensors")
+    E.main(["adapt", str(run_dir), "--curve", "--steps", "8", "--held-out", "8", "--quiet"])
+    out = capsys.readouterr().out
+    for label in ("generic e_0", "1 pairs", "4 pairs", "16 pairs", "64 pairs"):
+        assert label in out, label
+    curve = json.loads((run_dir / "adapt_curve.json").read_text())
+    assert [p["fit_pairs"] for p in curve["curve"]] == [0, 1, 4, 16, 64] and curve["held_out_pairs"] == 8
+    assert (run_dir / "adapt_curve.png").is_file()
+    assert (sha(run_dir / "users.json"), sha(run_dir / "user_model.safetensors")) == users
+
+
+@pytest.mark.parametrize("kind", ["pdpo", "cluster"])
+def test_new_row_starts_at_e0_and_only_it_moves(runs, kind):
+    run = E.open_run(runs / kind, torch.float32, "cpu")
+    reference = E.load_reference(runs / kind, run, None, torch.float32, "cpu")
+    user_model, registry = E.add_user(run.user_model, run.registry, "newcomer")
+    row = registry.row("newcomer")
+    assert row == len(run.registry)  # appended after the known users
+    with torch.no_grad():
+        e = user_model(torch.tensor([0, row]))  # (2, T_u, d)
+        assert torch.equal(e[0], e[1])  # o_new = 0 (individual) or w_new = w_0 (cluster): e_new = e_0
+    start = {k: v.detach().clone() for k, v in user_model.state_dict().items()}
+    fit, _ = E.toy_user_pairs("newcomer", 8, 1, seed=3000)
+    collate = E.pair_collate(run, "cpu", registry.row)
+    E.fit_user_row(run, user_model, row, E.tokenize(run, fit), collate, E.online_reference(reference, False),
+                   steps=4, lr=0.1)
+    table = "user_logits" if kind == "cluster" else "embeddings"
+    for name, value in user_model.state_dict().items():
+        if name != table:
+            assert torch.equal(value, start[name]), name  # the cluster embeddings c_k stay frozen
+    assert torch.equal(E.row_parameter(user_model)[:row], start[table][:row])  # e_0 and the known users too
+    assert not torch.equal(E.row_parameter(user_model)[row], start[table][row])
+
+
+def test_adapt_refuses_what_it_cannot_do(runs, capsys):
+    run = E.open_run(runs / "dpo", torch.float32, "cpu")
+    with pytest.raises(ValueError, match="uniform"):
+        E.add_user(run.user_model, run.registry, "x")
+    run = E.open_run(runs / "pdpo", torch.float32, "cpu")
+    with pytest.raises(ValueError, match="already known"):
+        E.add_user(run.user_model, run.registry, "user_01")
+    with pytest.raises(SystemExit) as exit_info:
+        E.main(["adapt", str(runs / "pdpo"), "--user", "ghost", "--data", str(runs / "valid.jsonl")])
+    assert exit_info.value.code == 2
+    assert 'no pairs with "user": "ghost"' in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------
+# Inspecting users
+
+
+def test_users_lists_cluster_weights_and_nearest_neighbours(runs, capsys):
+    E.main(["users", str(runs / "cluster")])
+    lines = capsys.readouterr().out.splitlines()
+    assert "cluster user model" in lines[0] and "K = 2" in lines[0]
+    user_model, registry = prlhf.load_user_model(runs / "cluster")
+    expected = user_model.user_logits.softmax(-1)
+    for i, name in enumerate(["<generic e_0>"] + registry.users):
+        row, user, rest = lines[2 + i][:4], lines[2 + i][6:22].strip(), lines[2 + i][22:].split()
+        assert (int(row), user) == (i, name)
+        assert [float(w) for w in rest[:2]] == pytest.approx(expected[i].tolist(), abs=1e-3)
+
+    E.main(["users", str(runs / "pdpo"), "--neighbours", "1"])
+    lines = capsys.readouterr().out.splitlines()
+    user_model, registry = prlhf.load_user_model(runs / "pdpo")
+    names = ["<generic e_0>"] + registry.users
+    with torch.no_grad():
+        e = user_model(torch.arange(len(names))).flatten(1)  # (N + 1, T_u * d)
+    for i in range(len(names)):
+        cos = torch.nn.functional.cosine_similarity(e[i:i + 1], e, dim=1)
+        cos[i] = -2
+        j = int(cos.argmax())
+        assert lines[2 + i][24:].rsplit(" ", 1) == [names[j], f"{cos[j].item():.3f}"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Messages for people
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "eval.py", *map(str, args)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_unknown_run_directory_is_one_line_and_exit_2(tmp_path):
+    r = run_cli(tmp_path / "no-such-run", "--data", tmp_path / "x.jsonl")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines() == [f"error: {tmp_path / 'no-such-run'}: not a run directory (no args.json); "
+                                             f"train one with `python train.py --out DIR`, or run `python train.py` "
+                                             f"for the demo"]
+
+
+def test_a_run_without_preference_reward_is_refused(tmp_path, capsys):
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "sft" / "args.json").write_text(json.dumps({"stage": "sft"}))
+    (tmp_path / "d.jsonl").write_text('{"user": "a", "prompt": "p", "chosen": "c", "rejected": "r"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        E.main([str(tmp_path / "sft"), "--data", str(tmp_path / "d.jsonl")])
+    assert exit_info.value.code == 2
+    assert "a sft run has no preference reward to evaluate" in capsys.readouterr().err
+
+
+def test_bad_data_file_names_file_and_line(runs, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"user": "a", "prompt": "p", "chosen": "c", "rejected": "r"}\n{"user": "a"}\n')
+    with pytest.raises(SystemExit) as exit_info:
+        E.main([str(runs / "pdpo"), "--data", str(bad)])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: {bad}:2: missing field 'prompt'")
+
+
+def test_data_with_no_known_user_warns_and_still_evaluates(runs, tmp_path, capsys):
+    strangers = [data.Pair("stranger_a", " Describe the apple.", " The apple is red.",
+                           " The apple is red, and there is much more to say about the apple today."),
+                 data.Pair("stranger_b", " Describe the river.", " The river is calm.",
+                           " The river is calm, and people often talk about the river and its history.")]
+    E.main([str(runs / "pdpo"), "--data", str(write(tmp_path / "s.jsonl", strangers)), "--out", str(tmp_path / "o"),
+            "--samples-per-user", "1", "--max-new-tokens", "3", "--quiet"])
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "none of the 2 users" in warnings[0] and "generic embedding e_0" in warnings[0]
+    results = json.loads((tmp_path / "o" / "results.json").read_text())
+    assert set(results["pdpo"]["status"]) == {"unseen"} and "wrote" in captured.out
+
+
+def test_help_names_the_paper_symbols(capsys):
+    for argv, texts in ((["--help"], ("RUN_DIR", "--data", "--baseline", "e_0", "r(x, y, u)", "adapt", "users")),
+                        (["adapt", "--help"], ("--user", "--curve", "e_0", "f_P")),
+                        (["users", "--help"], ("softmax(w_i)", "cosine"))):
+        with pytest.raises(SystemExit) as exit_info:
+            E.main(argv)
+        assert exit_info.value.code == 0
+        out = capsys.readouterr().out
+        for text in texts:
+            assert text in out, (argv, text)
