@@ -780,43 +780,27 @@ tomato towel tractor trumpet turtle umbrella village walnut whistle wizard zebra
 _ADJECTIVES = """bright calm quiet gentle heavy ancient modern tiny huge warm cold soft rough smooth sharp
 golden green purple noisy silent happy clever brave lazy busy famous simple strange useful lovely shiny
 dusty sweet bitter fresh humble proud rare wild tidy fancy plain spicy sleepy curious""".split()
-_VERBS = "admire visit enjoy collect paint share carry protect study watch clean build draw follow".split()
-_ADVERBS = "often rarely gladly slowly quickly carefully always sometimes quietly happily".split()
 
 _PROMPTS = (
-    "Tell me about {x} and {y}.",
-    "What do you know about {x} and {y}?",
-    "Describe the {x} and the {y}.",
-    "Say something about {x} and {y}.",
+    "Tell me about the {x}.",
+    "What is the {x} like?",
+    "Describe the {x}.",
+    "Say something about the {x}.",
 )
-# Short answers: 2-5 words. Long answers: an 8-word opening plus one or two 3-4 word clauses (11-16 words).
-_SHORT = ("{X} is {a}.", "{A} {x} and {y}.", "Both are {a}.", "{X}: {a}.", "{A} {x}, {b} {y}.",
-          "Mostly {a} {x}, {b} {y}.")
-_LONG_OPENING = "{X} is {a} and the {y} is {b}."
-_LONG_CLAUSES = (
-    "People {adv} {v} them.",
-    "They look {c} today.",
-    "Kids {v} them {adv}.",
-    "Nobody forgets the {n}.",
-    "It feels {c}.",
-    "Ask about the {n}.",
-)
-
-
-def _fill(template: str, rng: random.Random, x: str, y: str) -> str:
-    a, b, c = rng.sample(_ADJECTIVES, 3)
-    words = dict(x=x, y=y, X=x.capitalize(), a=a, b=b, c=c, A=a.capitalize(), n=rng.choice(_NOUNS))
-    return template.format(**words, v=rng.choice(_VERBS), adv=rng.choice(_ADVERBS))
+# The two answers part at their first word ("Briefly," or "Well,"): a preference between them is one
+# clear decision where the SFT model is unsure. (Had they shared an opening, DPO would leave the shared
+# tokens unconstrained, since they cancel between chosen and rejected, and a tiny model drifts there.)
+# The long answer then goes on deterministically, so the preference is learned at that decision rather
+# than by pushing down the words after it (which DPO would gladly do: a long rejected answer has many).
+_SHORT = "Briefly, the {x} is {a}."  # 5 words
+_LONG = "Well, the {x} is {a}, and there is much more to say about the {x} today."  # 16 words
 
 
 def _toy_example(rng: random.Random) -> tuple[str, str, str]:
-    """(prompt, short response, long response) about two random topics."""
-    x, y = rng.sample(_NOUNS, 2)
-    prompt = _fill(rng.choice(_PROMPTS), rng, x, y)
-    short = _fill(rng.choice(_SHORT), rng, x, y)
-    clauses = rng.sample(_LONG_CLAUSES, rng.randint(1, 2))
-    long = " ".join(_fill(t, rng, x, y) for t in (_LONG_OPENING, *clauses))
-    return prompt, short, long
+    """(prompt, short response, long response) about a random topic."""
+    x, a = rng.choice(_NOUNS), rng.choice(_ADJECTIVES)
+    prompt = rng.choice(_PROMPTS).format(x=x)
+    return prompt, _SHORT.format(x=x, a=a), _LONG.format(x=x, a=a)
 
 
 def _toy_pairs(rng: random.Random, users: dict[str, str], n_per_user: int, group: str | None) -> list[Pair]:
@@ -846,8 +830,9 @@ def make_toy_task(
 ) -> tuple[list[Pair], list[Pair]]:
     """A synthetic version of the paper's conflicting length preferences, deterministic in `seed`.
 
-    Prompts ask about two topics ("Tell me about kettle and zebra."); each pair holds a SHORT answer
-    (2-5 words) and a LONG one (11-16 words) on the same topics. Known users user_01.. are split
+    Prompts ask about a topic ("Tell me about the kettle."); each pair holds a SHORT answer
+    ("Briefly, the kettle is warm.", 5 words) and a LONG one ("Well, the kettle is warm, and ...", 16 words).
+    Known users user_01.. are split
     exactly: round(minority_share * n_users) prefer short (group "short", the minority), the rest
     long (group "long"). Validation holds `n_valid_per_user` new pairs per known user, plus as many
     for each of `n_unseen_users` users new_01.. (never in training, group "unseen"), split between
@@ -868,7 +853,7 @@ def toy_corpus_texts(seed: int = 0, n_examples: int = 2000) -> list[str]:
     """Prompts and answers written like the toy task's (with leading spaces), plus every word once,
     to train the toy BPE tokenizer."""
     rng = random.Random(seed)
-    texts = [" " + " ".join(_NOUNS + _ADJECTIVES + _VERBS + _ADVERBS)]
+    texts = [" " + " ".join(_NOUNS + _ADJECTIVES)]
     for _ in range(n_examples):
         texts.extend(" " + text for text in _toy_example(rng))
     return texts
