@@ -8,6 +8,7 @@ checkpoints with `--resume`, and a tqdm bar. The objectives themselves live in p
 
     python train.py                      # the built-in demo: toy task, SFT, vanilla DPO vs P-DPO (CPU, minutes)
     python train.py --stage pdpo --model CKPT --data train.jsonl --valid valid.jsonl --out runs/x
+    torchrun --nproc-per-node 8 train.py --parallel fsdp ...   # several GPUs: distributed.py, docs/multigpu.md
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ class TrainConfig:
     user_info: str = field(default="implicit", metadata=dict(choices=["implicit", "explicit", "both"],
                            help="implicit: learned e_u; explicit: the user's text; both: [e_u] [user text]"))
     user_init: str = field(default="vocab", metadata=dict(choices=["vocab", "uniform"],
-                           help="user embeddings start as random vocabulary rows, or uniform in [-0.5, 0.5]"))
+                           help="user embeddings start as random vocabulary rows, or uniform in [-r, r]"))
+    user_init_range: float = field(default=0.5, metadata=dict(help="r of --user-init uniform"))
     # objective, PAPER.md eq. (pdpo)
     alpha: float = field(default=0.5, metadata=dict(help="alpha, weight of the personalized term (1 - alpha: generic e_0)"))
     beta: float = field(default=0.5, metadata=dict(help="beta, strength of the KL tie to the reference model"))
@@ -90,6 +92,9 @@ class TrainConfig:
     precompute_reference: bool = field(default=True, metadata=dict(
         help="compute reference log-probs once before training (no reference pass per step)"))
     device: str = field(default="auto", metadata=dict(help="cpu, cuda, or auto"))
+    parallel: str = field(default="ddp", metadata=dict(choices=["ddp", "fsdp"], help=(
+        "under torchrun (distributed.py): ddp, a full replica per GPU; fsdp, weights, gradients and "
+        "AdamW state sharded per transformer block. A single process ignores it")))
     # bookkeeping
     seed: int = field(default=0, metadata=dict(help="seed for data order, initialisation and dropout"))
     eval_every: int = field(default=0, metadata=dict(help="evaluate on --valid every N steps (0 = at the end only)"))
@@ -335,12 +340,12 @@ def rng_state() -> dict:
     return rng
 
 
-def save_checkpoint(out: Path, trainables: dict, optimizer, scaler, state: dict, rng: dict):
+def save_checkpoint(out: Path, trainables: dict, opt: dict, scaler, state: dict, rng: dict):
+    """trainables: name -> full tensor; opt: optimizer.state_dict(), or the same gathered from FSDP shards."""
     new, cur, old = out / "checkpoint.new", out / "checkpoint", out / "checkpoint.old"
     shutil.rmtree(new, ignore_errors=True)
     new.mkdir(parents=True)
     atomic_save_tensors(trainables, new / "trainable.safetensors")
-    opt = optimizer.state_dict()
     opt_tensors = {f"{i}.{k}": v for i, st in opt["state"].items() for k, v in st.items()}
     opt_tensors.update(rng)
     atomic_save_tensors(opt_tensors, new / "optimizer.safetensors")
@@ -353,7 +358,7 @@ def save_checkpoint(out: Path, trainables: dict, optimizer, scaler, state: dict,
     shutil.rmtree(old, ignore_errors=True)
 
 
-def load_checkpoint(out: Path, trainables: dict, optimizer, scaler) -> dict:
+def load_checkpoint(out: Path, trainables: dict, optimizer, scaler, dist=None) -> dict:
     from safetensors.torch import load_file
 
     ckpt = out / "checkpoint"
@@ -365,9 +370,6 @@ def load_checkpoint(out: Path, trainables: dict, optimizer, scaler) -> dict:
     if set(saved) != set(trainables):
         raise ValueError(f"{ckpt}: checkpoint tensors do not match this configuration "
                          f"(run with the same arguments as args.json)")
-    with torch.no_grad():
-        for k, p in trainables.items():
-            p.copy_(saved[k])
     state = json.loads((ckpt / "state.json").read_text())
     tensors = load_file(str(ckpt / "optimizer.safetensors"))
     torch.set_rng_state(tensors.pop("rng.cpu"))
@@ -378,7 +380,14 @@ def load_checkpoint(out: Path, trainables: dict, optimizer, scaler) -> dict:
     for key, v in tensors.items():
         i, k = key.split(".", 1)
         opt_state.setdefault(int(i), {})[k] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("param_groups")})
+    opt = {"state": opt_state, "param_groups": state.pop("param_groups")}
+    if dist is not None and dist.sharded:  # FSDP: each rank keeps its shard of the full tensors
+        dist.load_full_state(trainables, optimizer, saved, opt)
+    else:
+        with torch.no_grad():
+            for k, p in trainables.items():
+                p.copy_(saved[k])
+        optimizer.load_state_dict(opt)
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
     return state
@@ -402,6 +411,13 @@ def sft_loss(model, batch):
     targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
     return loss, {"tokens": int(mask.sum())}
+
+
+def mean_over(cfg, batch) -> int:
+    """How many terms a stage's batch loss averages: scored response tokens (SFT) or pairs."""
+    if cfg.stage == "sft":
+        return int(batch["response_mask"][:, 1:].sum())
+    return len(batch["index"])
 
 
 def pdpo_batch_loss(cfg, model, user_model, batch, reference):
@@ -436,12 +452,22 @@ def prm_batch_loss(cfg, model, user_model, head, batch):
 
 @torch.no_grad()
 def score_pairs(model, user_model, items, collate, *, beta=0.5, reference=None, head=None,
-                batch_size=16, autocast=contextlib.nullcontext(), desc=None, average=False) -> list[dict]:
+                batch_size=16, autocast=contextlib.nullcontext(), desc=None, average=False,
+                wrapper=None) -> list[dict]:
     """One record per pair: user, group, reward margin r(x, y_w, u) - r(x, y_l, u), correct (margin > 0).
 
     Unknown users get the generic row 0 through the registry. `reference(batch)` gives reference
     log-probs for the DPO reward; with `head` the reward model's head scores the pair instead.
+    `wrapper`: the DDP/FSDP root (distributed.py), through whose forward the scoring must run.
     """
+    def margins(batch):
+        if head is not None:
+            r = prlhf.personalized_rewards(model, head, user_model, batch, 1.0)
+            return r["chosen_rewards"] - r["rejected_rewards"]
+        p = prlhf.policy_logps(model, user_model, batch, 1.0, average=average)
+        ref_c, ref_r = reference(batch)
+        return beta * ((p["policy_chosen_logps"] - ref_c) - (p["policy_rejected_logps"] - ref_r))
+
     was_training = model.training
     model.eval()
     records = []
@@ -449,13 +475,7 @@ def score_pairs(model, user_model, items, collate, *, beta=0.5, reference=None, 
     for idx in tqdm(batches, desc=desc, disable=desc is None, leave=False):
         batch = collate([items[i] for i in idx])
         with autocast:
-            if head is not None:
-                r = prlhf.personalized_rewards(model, head, user_model, batch, 1.0)
-                margin = r["chosen_rewards"] - r["rejected_rewards"]
-            else:
-                p = prlhf.policy_logps(model, user_model, batch, 1.0, average=average)
-                ref_c, ref_r = reference(batch)
-                margin = beta * ((p["policy_chosen_logps"] - ref_c) - (p["policy_rejected_logps"] - ref_r))
+            margin = margins(batch) if wrapper is None else wrapper(margins, batch)
         for j, m in enumerate(margin.float().tolist()):
             records.append({"user": batch["users"][j], "group": batch["groups"][j], "margin": m, "correct": m > 0})
     model.train(was_training)
@@ -493,15 +513,31 @@ def train(cfg: TrainConfig) -> dict:
     """Run one stage; return the final evaluation summary (empty without --valid)."""
     device = pick_device(cfg)
     out = Path(cfg.out)
+    dist = None
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # started by torchrun: one process per GPU
+        import distributed
+
+        dist = distributed.setup(device, cfg.parallel)
+        device = dist.device
+    rank0 = dist is None or dist.rank == 0  # the process that writes files and shows progress
     if cfg.precision == "fp16" and not device.startswith("cuda"):
         fail("--precision fp16 needs CUDA (loss scaling); use bf16 on CPU")
+    if dist is not None and dist.sharded and cfg.precision == "fp16":
+        fail("--parallel fsdp: use --precision bf16 (no loss scale to agree on across shards)")
+    if dist is not None and dist.sharded and not cfg.lora_r and not cfg.precompute_reference:
+        fail("--parallel fsdp with full fine-tuning needs --precompute-reference "
+             "(a frozen full copy of the model on every GPU would undo the sharding)")
     # 1. data first: a bad file fails in seconds, before a 7B model is loaded
     train_pairs = data.read_pairs(cfg.data)
     valid_pairs = data.read_pairs(cfg.valid) if cfg.valid else []
     if cfg.resume and not (out / "args.json").is_file():
         fail(f"{out}: --resume but no args.json there")
     out.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(dataclasses.asdict(cfg), out / "args.json")
+    # the starting model by absolute path: eval.py and LoRA runs find their base from anywhere
+    if rank0:
+        atomic_write_json({**dataclasses.asdict(cfg), "model": str(Path(cfg.model).resolve())}, out / "args.json")
+    else:  # one progress bar and log, from rank 0
+        cfg = dataclasses.replace(cfg, quiet=True)
     torch.manual_seed(cfg.seed)
 
     # 2. tokenizer and data
@@ -517,7 +553,9 @@ def train(cfg: TrainConfig) -> dict:
     # 3. models: LM (full or LoRA), user model, reward head
     lora = cfg.lora_r > 0
     base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32) if lora else torch.float32
-    model = load_base(cfg.model, base_dtype, device)
+    # FSDP: the full model stays on the CPU; fully_shard moves each block's shard to the GPU
+    model_device = "cpu" if dist is not None and dist.sharded else device
+    model = load_base(cfg.model, base_dtype, model_device)
     if lora:
         add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","))
     model.set_grad_checkpointing(cfg.grad_checkpointing)
@@ -527,10 +565,10 @@ def train(cfg: TrainConfig) -> dict:
         n_tokens = cfg.n_user_tokens if cfg.user_info != "explicit" else 0
         user_model = prlhf.make_user_model(
             cfg.user_model, len(registry) - 1, n_tokens, model.config.hidden_size, n_clusters=cfg.n_clusters,
-            add_generic_user=cfg.add_generic_user, init=cfg.user_init,
-            token_embedding=model.tok_embeddings.weight, seed=cfg.seed).to(device)
+            add_generic_user=cfg.add_generic_user, init=cfg.user_init, init_range=cfg.user_init_range,
+            token_embedding=model.tok_embeddings.weight, seed=cfg.seed).to(model_device)
     if cfg.stage == "prm":
-        head = prlhf.RewardHead(model.config.hidden_size).to(device)
+        head = prlhf.RewardHead(model.config.hidden_size).to(model_device)
     use_text = cfg.user_info != "implicit"
 
     def collate(items):
@@ -540,8 +578,10 @@ def train(cfg: TrainConfig) -> dict:
             b = data.collate_pairs(items, tokenizer, registry.row, use_user_text=use_text)
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
+    if dist is not None:  # DDP or FSDP2 around the LM, user model and head: forwards go through dist.wrapped
+        dist.wrap(model, user_model, head)
     autocast = autocast_ctx(cfg, device)
-    reference = make_reference(cfg, model, train_items, valid_items, collate, autocast, out) \
+    reference = make_reference(cfg, model, train_items, valid_items, collate, autocast, out, dist) \
         if cfg.stage == "pdpo" else None
 
     # 4. optimizer: the user model may learn at its own rate
@@ -558,26 +598,39 @@ def train(cfg: TrainConfig) -> dict:
                                   fused=device.startswith("cuda") or None)
     scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
 
-    steps_per_epoch = max(1, math.ceil(len(train_items) / cfg.batch_size) // cfg.grad_accum)
+    global_batch = cfg.batch_size * (dist.world_size if dist else 1)  # items per micro-batch, all ranks
+    steps_per_epoch = max(1, math.ceil(len(train_items) / global_batch) // cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
     state = {"step": 0, "epoch": 0, "batch": 0}
     if cfg.resume:
-        state = load_checkpoint(out, trainables, optimizer, scaler)
+        state = load_checkpoint(out, trainables, optimizer, scaler, dist)
         log(f"resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
-    elif (out / "metrics.jsonl").exists():
+    elif rank0 and (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
 
     def checkpoint(at=None):  # at: (state, rng) of the last step boundary
         st, rng = at or (state, rng_state())
-        save_checkpoint(out, trainables, optimizer, scaler, dict(st), rng)
+        if dist is not None and dist.sharded:  # every rank sends its shards, rank 0 gets full tensors
+            tensors, opt = dist.full_state(trainables, optimizer)
+        else:
+            tensors, opt = trainables, optimizer.state_dict()
+        if rank0:
+            save_checkpoint(out, tensors, opt, scaler, dict(st), rng)
+
+    def batch_loss(batch):  # the stage's mean loss over one micro-batch, and its metrics
+        if cfg.stage == "sft":
+            return sft_loss(model, batch)
+        if cfg.stage == "pdpo":
+            return pdpo_batch_loss(cfg, model, user_model, batch, reference)
+        return prm_batch_loss(cfg, model, user_model, head, batch)
 
     model.train()
     if user_model is not None:
         user_model.train()
     bar = tqdm(total=total_steps, initial=state["step"], disable=cfg.quiet, desc=f"{cfg.stage} {out.name}",
                dynamic_ncols=True)
-    metrics_file = open(out / "metrics.jsonl", "a")
-    batches = data.make_batches(train_items, cfg.batch_size, shuffle=True, seed=cfg.seed, epoch=state["epoch"])
+    metrics_file = open(out / "metrics.jsonl" if rank0 else os.devnull, "a")
+    batches = data.make_batches(train_items, global_batch, shuffle=True, seed=cfg.seed, epoch=state["epoch"])
     boundary = None
     try:
         while state["step"] < total_steps:
@@ -586,26 +639,32 @@ def train(cfg: TrainConfig) -> dict:
             t0, tokens, logs = time.perf_counter(), 0, []
             for g in optimizer.param_groups:
                 g["lr"] = get_lr(state["step"], total_steps, cfg.warmup_steps, g["peak_lr"])
-            for _ in range(cfg.grad_accum):
+            for micro in range(cfg.grad_accum):
                 if state["batch"] >= len(batches):  # next epoch, new order
                     state["epoch"], state["batch"] = state["epoch"] + 1, 0
-                    batches = data.make_batches(train_items, cfg.batch_size, shuffle=True, seed=cfg.seed,
+                    batches = data.make_batches(train_items, global_batch, shuffle=True, seed=cfg.seed,
                                                 epoch=state["epoch"])
-                batch = collate([train_items[i] for i in batches[state["batch"]]])
+                idx = batches[state["batch"]]
+                if dist is not None:  # this rank's part of the global batch
+                    idx, real = dist.part_of(idx)
+                    dist.sync_gradients(micro == cfg.grad_accum - 1)
+                batch = collate([train_items[i] for i in idx])
                 state["batch"] += 1
                 with autocast:
-                    if cfg.stage == "sft":
-                        loss, m = sft_loss(model, batch)
-                    elif cfg.stage == "pdpo":
-                        loss, m = pdpo_batch_loss(cfg, model, user_model, batch, reference)
-                    else:
-                        loss, m = prm_batch_loss(cfg, model, user_model, head, batch)
-                if not torch.isfinite(loss):
+                    loss, m = batch_loss(batch) if dist is None else dist.wrapped(batch_loss, batch)
+                if dist is not None:  # this rank's mean -> its share of the global batch's mean
+                    w = dist.share(mean_over(cfg, batch) if real else 0)
+                    loss, m = loss * w, {k: v * w for k, v in m.items() if k != "tokens"}
+                elif not torch.isfinite(loss):  # (distributed: on the global loss below, on every rank at once)
                     raise FloatingPointError(f"non-finite loss {loss.item()} at step {state['step']}")
                 loss = loss / cfg.grad_accum
                 (scaler.scale(loss) if scaler else loss).backward()
                 tokens += sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids"))
                 logs.append({"loss": loss.item() * cfg.grad_accum, **m})
+            if dist is not None:  # global batch means, the same on every rank
+                logs, tokens = dist.average(logs), dist.total(tokens)
+                if not all(math.isfinite(l["loss"]) for l in logs):
+                    raise FloatingPointError(f"non-finite loss at step {state['step']}")
             if scaler:
                 scaler.unscale_(optimizer)
             if cfg.grad_clip > 0:
@@ -619,7 +678,7 @@ def train(cfg: TrainConfig) -> dict:
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "accuracy", "lr", "tokens_per_s") if k in row})
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and valid_items and cfg.stage != "sft":
-                row["eval"] = evaluate(cfg, model, user_model, head, valid_items, collate, reference, autocast)
+                row["eval"] = evaluate(cfg, model, user_model, head, valid_items, collate, reference, autocast, dist)
             if state["step"] % cfg.log_every == 0 or "eval" in row:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
@@ -627,6 +686,8 @@ def train(cfg: TrainConfig) -> dict:
                 checkpoint()
     except KeyboardInterrupt:
         bar.close()
+        if dist is not None and dist.sharded:  # gathering shards needs every rank, and they stopped anywhere
+            fail(f"interrupted: the last --save-every checkpoint in {out}/checkpoint is kept")
         checkpoint(boundary)
         print(f"\ninterrupted: checkpoint saved at step {state['step']} in {out}/checkpoint; "
               f"continue with --resume", file=sys.stderr)
@@ -638,11 +699,17 @@ def train(cfg: TrainConfig) -> dict:
         metrics_file.close()
     bar.close()
     checkpoint()
-    save_run(out, cfg, model, user_model, registry, head, tokenizer)
+    if dist is None:
+        save_run(out, cfg, model, user_model, registry, head, tokenizer)
+    else:  # full weights: DDP's replica, or FSDP's shards gathered onto rank 0 (every rank takes part)
+        full = dist.full_modules()
+        if rank0:
+            save_run(out, cfg, full[0], full[1], registry, full[2], tokenizer)
     summary = {}
     if valid_items and cfg.stage != "sft":
-        summary = evaluate(cfg, model, user_model, head, valid_items, collate, reference, autocast)
-        atomic_write_json(summary, out / "eval.json")
+        summary = evaluate(cfg, model, user_model, head, valid_items, collate, reference, autocast, dist)
+        if rank0:
+            atomic_write_json(summary, out / "eval.json")
     return summary
 
 
@@ -653,7 +720,7 @@ def sft_examples(items, which: str):
     return [data.SFTExample(it.prompt_ids, it.chosen_ids) for it in items]
 
 
-def make_reference(cfg, model, train_items, valid_items, collate, autocast, out):
+def make_reference(cfg, model, train_items, valid_items, collate, autocast, out, dist=None):
     """reference(batch) -> (reference_chosen_logps, reference_rejected_logps).
 
     The reference is the starting model without user embedding (PAPER.md). With LoRA it is the same
@@ -681,13 +748,17 @@ def make_reference(cfg, model, train_items, valid_items, collate, autocast, out)
         return online
     cache = {}
     for split, items in (("train", train_items), ("valid", valid_items)):
-        for idx in tqdm(data.make_batches(items, max(cfg.batch_size, 8), shuffle=False, seed=0, epoch=0),
-                        desc=f"reference log-probs ({split})", disable=cfg.quiet, leave=False):
+        batches = data.make_batches(items, max(cfg.batch_size, 8), shuffle=False, seed=0, epoch=0)
+        if dist is not None:  # a share per rank, as many on every rank (each FSDP forward is collective)
+            batches = dist.shard(batches)
+        for idx in tqdm(batches, desc=f"reference log-probs ({split})", disable=cfg.quiet, leave=False):
             batch = collate([items[i] for i in idx])
-            with autocast:
-                c, r = online(batch)
+            with torch.no_grad(), autocast:
+                c, r = online(batch) if dist is None else dist.wrapped(online, batch)
             for j, i in enumerate(batch["index"].tolist()):
                 cache[(split, i)] = (c[j].float(), r[j].float())
+    if dist is not None:  # any rank may train on any pair
+        cache = dict(dist.gather([(k, (c.cpu(), r.cpu())) for k, (c, r) in cache.items()]))
 
     def cached(batch):
         split = batch.get("split", "train")
@@ -698,13 +769,21 @@ def make_reference(cfg, model, train_items, valid_items, collate, autocast, out)
     return cached
 
 
-def evaluate(cfg, model, user_model, head, valid_items, collate, reference, autocast) -> dict:
+PADDING = "<padding>"  # group of the copies that give every rank as many pairs to evaluate
+
+
+def evaluate(cfg, model, user_model, head, valid_items, collate, reference, autocast, dist=None) -> dict:
     def valid_collate(items):
         return {**collate(items), "split": "valid"}
 
-    records = score_pairs(model, user_model, valid_items, valid_collate, beta=cfg.beta, reference=reference,
+    items = valid_items
+    if dist is not None:  # a share per rank, padded to as many on every rank with marked copies
+        items = dist.shard(valid_items, pad=dataclasses.replace(valid_items[0], group=PADDING))
+    records = score_pairs(model, user_model, items, valid_collate, beta=cfg.beta, reference=reference,
                           head=head, autocast=autocast, average=cfg.loss == "ipo",
-                          desc=None if cfg.quiet else "evaluating")
+                          desc=None if cfg.quiet else "evaluating", wrapper=dist.wrapped if dist else None)
+    if dist is not None:  # per-user metrics over every rank's pairs
+        records = [r for r in dist.gather(records) if r["group"] != PADDING]
     return {"groups": summarize(records, "group"), "users": summarize(records, "user")}
 
 
@@ -748,6 +827,8 @@ def demo(seed: int = DEMO["seed"], out: str = DEMO["out"], quiet: bool = False) 
     alpha = 0.5). Both are evaluated on held-out pairs of known and unseen users.
     """
     t0 = time.perf_counter()
+    # tiny matrices: one thread beats two, and does not collapse when another process wants a core
+    torch.set_num_threads(1)
     out = Path(out)
     data_dir, base = out / "data", out / "base"
     train_pairs, valid_pairs = data.make_toy_task(seed=seed, n_users=DEMO["n_users"],
