@@ -787,13 +787,12 @@ _PROMPTS = (
     "Describe the {x}.",
     "Say something about the {x}.",
 )
-# The two answers part at their first word ("Briefly," or "Well,"): a preference between them is one
-# clear decision where the SFT model is unsure. (Had they shared an opening, DPO would leave the shared
-# tokens unconstrained, since they cancel between chosen and rejected, and a tiny model drifts there.)
-# The long answer then goes on deterministically, so the preference is learned at that decision rather
-# than by pushing down the words after it (which DPO would gladly do: a long rejected answer has many).
-_SHORT = "Briefly, the {x} is {a}."  # 5 words
-_LONG = "Well, the {x} is {a}, and there is much more to say about the {x} today."  # 16 words
+# Both answers open alike, "The {x} is {a}.", then part at one decision: stop (EOS), or go on with
+# "There is much more ...", deterministically, so a length preference is learned at that decision.
+# (Opening the answers with different words that occur nowhere else, say "Briefly," / "Well,", fails
+# on a tiny model: SFT never tells those two embeddings apart, and DPO lowers both together.)
+_SHORT = "The {x} is {a}."  # 4 words
+_LONG = "The {x} is {a}. There is much more to say about the {x} today."  # 14 words
 
 
 def _toy_example(rng: random.Random) -> tuple[str, str, str]:
@@ -831,7 +830,7 @@ def make_toy_task(
     """A synthetic version of the paper's conflicting length preferences, deterministic in `seed`.
 
     Prompts ask about a topic ("Tell me about the kettle."); each pair holds a SHORT answer
-    ("Briefly, the kettle is warm.", 5 words) and a LONG one ("Well, the kettle is warm, and ...", 16 words).
+    ("The kettle is warm.", 4 words) and a LONG one ("The kettle is warm. There is much more ...", 14 words).
     Known users user_01.. are split
     exactly: round(minority_share * n_users) prefer short (group "short", the minority), the rest
     long (group "long"). Validation holds `n_valid_per_user` new pairs per known user, plus as many

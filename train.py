@@ -815,7 +815,7 @@ def generate_responses(model, user_model, registry, tokenizer, items, *, use_use
 
 DEMO = dict(seed=0, out="runs/demo", n_users=10, pairs_per_user=60, vocab_size=768,
             model=dict(family="llama", hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                       intermediate_size=128, tie_word_embeddings=True, max_position_embeddings=256))
+                       intermediate_size=128, tie_word_embeddings=False, max_position_embeddings=256))
 
 
 def demo(seed: int = DEMO["seed"], out: str = DEMO["out"], quiet: bool = False) -> dict:
@@ -843,11 +843,15 @@ def demo(seed: int = DEMO["seed"], out: str = DEMO["out"], quiet: bool = False) 
     print(f"demo: {len(train_pairs)} training pairs from {DEMO['n_users']} users (70% prefer long, 30% short); "
           f"tiny LLaMA with {sum(p.numel() for p in lm.build_model(cfg).parameters()):,} parameters")
     train(TrainConfig(stage="sft", model=str(base), out=str(out / "sft"), sft_on="both", lr=3e-3,
-                      warmup_steps=10, epochs=4, batch_size=16, grad_accum=1, **common))
-    dpo = dict(stage="pdpo", model=str(out / "sft"), valid=str(data_dir / "valid.jsonl"), beta=0.1, lr=5e-4,
-               user_lr=1e-2, warmup_steps=10, epochs=3, batch_size=8, grad_accum=1, **common)
+                      warmup_steps=10, epochs=10, batch_size=16, grad_accum=1, **common))
+    # beta = 2 and two epochs: past that, DPO's margins keep growing by making *both* answers unlikely,
+    # and a tiny model's text degrades. User embeddings start near zero (uniform, r = 0.05): a random
+    # vocabulary row would be read by this model as a word of the prompt.
+    dpo = dict(stage="pdpo", model=str(out / "sft"), valid=str(data_dir / "valid.jsonl"), beta=2.0, lr=5e-4,
+               user_lr=3e-3, warmup_steps=10, epochs=2, batch_size=8, grad_accum=1, **common)
     train(TrainConfig(out=str(out / "dpo"), user_model="uniform", n_user_tokens=0, alpha=1.0, **dpo))
-    train(TrainConfig(out=str(out / "pdpo"), user_model="individual", n_user_tokens=1, alpha=0.5, **dpo))
+    train(TrainConfig(out=str(out / "pdpo"), user_model="individual", n_user_tokens=1, alpha=0.5,
+                      user_init="uniform", user_init_range=0.05, **dpo))
     results = {}
     for method in ("dpo", "pdpo"):
         run = load_run(out / method)
@@ -864,6 +868,11 @@ def demo(seed: int = DEMO["seed"], out: str = DEMO["out"], quiet: bool = False) 
             f.writelines(json.dumps(g) + "\n" for g in gens)
     atomic_write_json(results, out / "results.json")
     print_demo_table(results)
+    for method in ("dpo", "pdpo"):  # a few answers to read, one per group
+        gens = [json.loads(line) for line in open(out / method / "generations.jsonl")]
+        for group in ("long", "short", "unseen"):
+            g = next(g for g in gens if g["group"] == group)
+            print(f"{method:<5} {g['user']} ({group}): {g['prompt'].strip()} ->{g['response']}")
     print(f"wrote {out}/results.json and runs sft, dpo, pdpo in {time.perf_counter() - t0:.0f} s")
     return results
 

@@ -550,8 +550,8 @@ def test_toy_task_shape_and_groups():
 
     for pair in train + valid:
         short, long = sorted((pair.chosen, pair.rejected), key=len)
-        assert len(short.split()) == 5 and len(long.split()) == 16
-        assert short.split()[0] != long.split()[0]  # the answers part at their first word
+        assert len(short.split()) == 4 and len(long.split()) == 14
+        assert long.startswith(short)  # the answers part at one decision: stop, or go on
         assert (pair.chosen == long) == (pair.group == "long" or (pair.group == "unseen" and prefers_long[pair.user]))
 
 
