@@ -435,15 +435,17 @@ def pdpo_batch_loss(cfg, model, user_model, batch, reference):
     out = prlhf.pdpo_loss(policy["policy_chosen_logps"], policy["policy_rejected_logps"], ref_chosen, ref_rejected,
                           policy.get("generic_chosen_logps"), policy.get("generic_rejected_logps"),
                           alpha=alpha, beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing)
-    margin = (out["chosen_rewards"] - out["rejected_rewards"]).mean()
-    return out["losses"].mean(), {"accuracy": out["accuracies"].float().mean().item(), "margin": margin.item()}
+    term = "" if alpha > 0 else "generic_"  # alpha = 0 trains e_0 alone: report its term
+    margin = (out[f"{term}chosen_rewards"] - out[f"{term}rejected_rewards"]).mean()
+    return out["losses"].mean(), {"accuracy": out[f"{term}accuracies"].mean().item(), "margin": margin.item()}
 
 
 def prm_batch_loss(cfg, model, user_model, head, batch):
     r = prlhf.personalized_rewards(model, head, user_model, batch, cfg.alpha)
     out = prlhf.prm_loss(r["chosen_rewards"], r["rejected_rewards"], r.get("generic_chosen_rewards"),
                          r.get("generic_rejected_rewards"), alpha=cfg.alpha)
-    return out["losses"].mean(), {"accuracy": out["accuracies"].float().mean().item()}
+    accuracies = out["accuracies"] if cfg.alpha > 0 else out["generic_accuracies"]
+    return out["losses"].mean(), {"accuracy": accuracies.float().mean().item()}
 
 
 # ----------------------------------------------------------------------------------------------

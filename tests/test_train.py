@@ -169,3 +169,11 @@ def test_bad_data_fails_fast_with_one_line(tmp_path):
     assert r.returncode == 2
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and f"{bad}:2:" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("stage", ["pdpo", "prm"])
+def test_alpha_zero_trains_the_generic_term_alone(toy, tmp_path, stage):
+    out = tmp_path / stage
+    T.train(config(toy, out, stage=stage, alpha=0.0, max_steps=2))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(0 <= r["accuracy"] <= 1 for r in rows)
