@@ -107,7 +107,10 @@ class TrainConfig:
 
 def parse_args(argv=None) -> TrainConfig:
     """argparse built from TrainConfig: every field is a flag whose help says the paper's symbol."""
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass  # the docstring as written, and each flag's default
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
     for f in dataclasses.fields(TrainConfig):
         flag, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
         if f.type == "bool" or isinstance(f.default, bool):
