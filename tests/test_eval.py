@@ -22,8 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """A tiny LLaMA-style base, a small toy task, and four short runs trained from the base:
-    P-DPO (individual, T_u = 4), vanilla DPO, P-DPO with the cluster model (K = 2), and a P-RM."""
+    """A tiny LLaMA-style base fine-tuned on both answers of a small toy task (SFT, as train.py's demo does),
+    and four short runs trained from that SFT model: P-DPO (individual, T_u = 4), vanilla DPO, P-DPO with the
+    cluster model (K = 2), and a P-RM."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is faster, and steady on a busy machine
     d = tmp_path_factory.mktemp("eval")
@@ -36,10 +37,17 @@ def runs(tmp_path_factory):
                                                   n_unseen_users=2)
     data.write_pairs(d / "train.jsonl", train_pairs)
     data.write_pairs(d / "valid.jsonl", valid_pairs)
-    common = dict(stage="pdpo", model=str(d / "base"), data=str(d / "train.jsonl"), valid=str(d / "valid.jsonl"),
-                  quiet=True, batch_size=8, grad_accum=1, lr=3e-3, user_lr=0.1, warmup_steps=2, beta=0.1,
-                  max_length=64, max_prompt_length=16, n_user_tokens=4, max_steps=4)
-    arms = {"pdpo": dict(max_steps=40),  # long enough for the LM to listen to e_u (known short users: 1.0)
+    shapes = dict(quiet=True, batch_size=8, grad_accum=1, warmup_steps=2, max_length=64, max_prompt_length=16)
+    # The answers share their opening and part at stop-or-go-on: from a random base, a few P-DPO steps teach
+    # the LM the length preference but leave e_u far from e_0 (user_lr 0.1), so a new row cannot reach a
+    # short-preferring user in a few adaptation steps. SFT on both answers first, as the demo does.
+    T.train(T.TrainConfig(stage="sft", model=str(d / "base"), data=str(d / "train.jsonl"), out=str(d / "sft"),
+                          sft_on="both", lr=3e-3, max_steps=30, **shapes))
+    common = dict(stage="pdpo", model=str(d / "sft"), data=str(d / "train.jsonl"), valid=str(d / "valid.jsonl"),
+                  lr=3e-3, user_lr=0.1, beta=0.1, n_user_tokens=4, max_steps=4, **shapes)
+    # P-DPO as in the demo: beta 2, the LM at 5e-4, user rows from near zero (uniform, r = 0.05) at 3e-3.
+    # 40 steps: the LM listens to e_u (known users, the short-preferring one too: 1.0), and e_0 still leans long.
+    arms = {"pdpo": dict(beta=2.0, lr=5e-4, user_lr=3e-3, user_init="uniform", user_init_range=0.05, max_steps=40),
             "dpo": dict(user_model="uniform", n_user_tokens=0, alpha=1.0, max_steps=8),
             "cluster": dict(user_model="cluster", n_clusters=2),
             "prm": dict(stage="prm")}
@@ -120,9 +128,11 @@ def test_tables_on_hand_made_records():
 
 
 def test_swapped_pairs_and_unseen_users_score_as_they_must(runs):
-    """Swapping y_w and y_l negates every margin; an unseen user gets exactly e_0's margins."""
+    """Swapping y_w and y_l negates every margin; an unseen user gets exactly e_0's margins, and a known
+    short-preferring user (the minority, whom e_0 serves worst) gets their own."""
     valid = data.read_pairs(runs / "valid.jsonl")
-    known = [p for p in valid if p.user == "user_01"]
+    user = next(p.user for p in valid if p.group == "short")
+    known = [p for p in valid if p.user == user]
     swapped = [data.Pair(p.user, p.prompt, p.rejected, p.chosen, group=p.group) for p in known]
     stranger = [data.Pair("stranger", p.prompt, p.chosen, p.rejected) for p in known]
     run = E.open_run(runs / "pdpo", torch.float32, "cpu")
