@@ -15,9 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
-import model as lm
 import train as T
+from tests.helpers import toy_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 6  # with grad_accum 2, 11 micro-batches per epoch: the short batch and an epoch change are crossed
@@ -28,17 +27,8 @@ pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="to
 
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
-    d = tmp_path_factory.mktemp("toy")
-    tok = data.train_bpe_tokenizer(data.toy_corpus_texts(0, n_examples=300), 300, out_dir=d / "base")
-    cfg = lm.ModelConfig(family="llama", vocab_size=tok.vocab_size, hidden_size=32, n_layers=2, n_heads=4,
-                         n_kv_heads=2, head_dim=8, intermediate_size=64, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    lm.save_pretrained(lm.build_model(cfg, seed=0), d / "base")
-    train_pairs, valid_pairs = data.make_toy_task(seed=0, n_users=4, pairs_per_user=11, n_valid_per_user=3,
-                                                  n_unseen_users=1)
-    data.write_pairs(d / "train.jsonl", train_pairs[:43])
-    data.write_pairs(d / "valid.jsonl", valid_pairs)
-    return d
+    return toy_setup(tmp_path_factory.mktemp("toy"), pairs_per_user=11, n_valid_per_user=3, n_unseen_users=1,
+                     n_train=43)
 
 
 def flags(toy, out, **kw):

@@ -13,9 +13,9 @@ import torch
 
 import data
 import eval as E
-import model as lm
 import prlhf
 import train as T
+from tests.helpers import toy_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -27,16 +27,7 @@ def runs(tmp_path_factory):
     cluster model (K = 2), and a P-RM."""
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: one thread is faster, and steady on a busy machine
-    d = tmp_path_factory.mktemp("eval")
-    tok = data.train_bpe_tokenizer(data.toy_corpus_texts(0, n_examples=300), 300, out_dir=d / "base")
-    cfg = lm.ModelConfig(family="llama", vocab_size=tok.vocab_size, hidden_size=32, n_layers=2, n_heads=4,
-                         n_kv_heads=2, head_dim=8, intermediate_size=64, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    lm.save_pretrained(lm.build_model(cfg, seed=0), d / "base")
-    train_pairs, valid_pairs = data.make_toy_task(seed=0, n_users=4, pairs_per_user=16, n_valid_per_user=4,
-                                                  n_unseen_users=2)
-    data.write_pairs(d / "train.jsonl", train_pairs)
-    data.write_pairs(d / "valid.jsonl", valid_pairs)
+    d = toy_setup(tmp_path_factory.mktemp("eval"), pairs_per_user=16, n_valid_per_user=4, n_unseen_users=2)
     shapes = dict(quiet=True, batch_size=8, grad_accum=1, warmup_steps=2, max_length=64, max_prompt_length=16)
     # The answers share their opening and part at stop-or-go-on: from a random base, a few P-DPO steps teach
     # the LM the length preference but leave e_u far from e_0 (user_lr 0.1), so a new row cannot reach a

@@ -8,9 +8,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import data
 import model as lm
 import train as T
+from tests.helpers import toy_setup
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,17 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """A tiny LLaMA-style checkpoint with the toy tokenizer, and a small toy task on disk."""
-    d = tmp_path_factory.mktemp("toy")
-    tok = data.train_bpe_tokenizer(data.toy_corpus_texts(0, n_examples=300), 300, out_dir=d / "base")
-    cfg = lm.ModelConfig(family="llama", vocab_size=tok.vocab_size, hidden_size=32, n_layers=2, n_heads=4,
-                         n_kv_heads=2, head_dim=8, intermediate_size=64, tie_word_embeddings=True,
-                         bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
-    lm.save_pretrained(lm.build_model(cfg, seed=0), d / "base")
-    train_pairs, valid_pairs = data.make_toy_task(seed=0, n_users=4, pairs_per_user=12, n_valid_per_user=4,
-                                                  n_unseen_users=2)
-    data.write_pairs(d / "train.jsonl", train_pairs)
-    data.write_pairs(d / "valid.jsonl", valid_pairs)
-    return d
+    return toy_setup(tmp_path_factory.mktemp("toy"), pairs_per_user=12, n_valid_per_user=4, n_unseen_users=2)
 
 
 def config(toy, out, **kw):

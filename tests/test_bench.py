@@ -1,0 +1,150 @@
+"""bench/: every benchmark runs in its --quick mode and ends with its JSON line; the memory plan's numbers are sane.
+
+Benchmarks are not tests: nothing here times anything. These checks only keep the scripts runnable, and the
+memory estimator honest against what autograd really saves.
+"""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path.insert(0, str(BENCH))
+
+import memory_plan as MP  # noqa: E402
+
+import model as lm  # noqa: E402
+
+GIB = 2**30
+
+
+def last_json(capsys) -> dict:
+    return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------
+# The memory plan
+
+
+def gptj_budget(**kw):
+    args = dict(lora_r=8, batch=2, max_length=1024, n_user_tokens=1, n_users=10, grad_checkpointing=False)
+    args.update(kw)
+    return MP.budget(lm.read_config(BENCH / "configs" / "gpt-j-6b.json"), **args)
+
+
+def test_shipped_configs_have_the_published_parameter_counts():
+    gptj = MP.count_parameters(lm.read_config(BENCH / "configs" / "gpt-j-6b.json"), 0, 0, 0)
+    llama = MP.count_parameters(lm.read_config(BENCH / "configs" / "llama-7b.json"), 0, 0, 0)
+    assert llama.total == 6_738_415_616  # LLaMA-7B
+    assert abs(gptj.total / 6_053_381_344 - 1) < 1e-3  # GPT-J 6B's model card (counts a few buffers more)
+
+
+def test_budget_follows_train_py_conventions():
+    full, lora = gptj_budget(lora_r=0), gptj_budget()
+    P = full["params"].total
+    assert full["bytes"]["weights"] == 4 * P + 4 * full["params"].user  # fp32 master weights
+    assert full["bytes"]["AdamW m, v (fp32)"] == 8 * full["trainable"]
+    assert full["bytes"]["reference model"] == 0  # precomputed reference log-probs
+    assert gptj_budget(lora_r=0, precompute_reference=False)["bytes"]["reference model"] == 4 * P
+    assert 2 * P < lora["bytes"]["weights"] < 2.02 * P  # bf16 base + small fp32 adapters
+    assert 0.002 < lora["trainable"] / P < 0.004  # r = 8 on every projection and the embedding
+    assert lora["bytes"]["reference model"] == 0  # adapters off
+
+
+def test_activations_scale_with_rows_and_checkpointing_saves_most():
+    b2, b4 = gptj_budget(), gptj_budget(batch=4)
+    saved = "activations, saved"
+    assert b4["bytes"][saved] == pytest.approx(2 * b2["bytes"][saved], rel=0.01)
+    dpo = gptj_budget(objective="dpo")
+    assert dpo["rows"] * 2 == b2["rows"] == 8  # P-DPO: chosen/rejected x personalized/generic
+    ckpt = gptj_budget(grad_checkpointing=True)
+    assert ckpt["bytes"][saved] < 0.1 * b2["bytes"][saved]
+    assert 10 * GIB < ckpt["bytes"]["total"] < 40 * GIB < b2["bytes"]["total"] < 80 * GIB
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16", "lora", "lora without dropout"])
+@pytest.mark.parametrize("ckpt", [False, True])
+def test_saved_activation_estimate_matches_autograd(mode, ckpt):
+    """The per-layer, per-token accounting against the tensors autograd really keeps (hooks)."""
+    for family, extra in (("llama", {}), ("gptj", {"rotary_dim": 8})):
+        cfg = lm.ModelConfig(family=family, hidden_size=32, n_layers=2, n_heads=4, n_kv_heads=4, head_dim=8,
+                             intermediate_size=96, vocab_size=300, **extra)
+        shape = dict(batch=2, seq=24, n_user_tokens=2, grad_checkpointing=ckpt)
+        if mode.startswith("lora"):
+            shape["lora_dropout"] = 0.0 if "without" in mode else 0.05
+            mode = "lora"
+        measured, _ = MP.measure_saved_bytes(cfg, mode, **shape)
+        assert MP.estimate_saved(cfg, mode, **shape) == pytest.approx(measured, rel=0.03), (family, mode, ckpt)
+
+
+def test_memory_plan_command_line(capsys):
+    figures = MP.main(["--model", str(BENCH / "configs" / "llama-7b.json"), "--grad-checkpointing"])
+    assert last_json(capsys) == json.loads(json.dumps(figures))
+    assert figures["parameters"] == 6_738_415_616
+    assert "A100 40GB" in figures["LoRA r=8 + ckpt fits"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Each benchmark in its quick mode: runs, prints a table, ends with its JSON figures
+
+
+def test_model_vs_hf_quick(capsys):
+    import model_vs_hf
+
+    model_vs_hf.main(["--quick"])
+    figures = last_json(capsys)
+    assert {"forward_fp32_ratio", "forward_backward_fp32_ratio", "forward_bf16_ratio",
+            "forward_backward_bf16_ratio"} <= set(figures)
+
+
+def test_generate_quick(capsys):
+    import generate
+
+    generate.main(["--quick"])
+    figures = last_json(capsys)
+    assert figures["b2_same_tokens"] is True  # KV cache, no cache and transformers agree token for token
+    assert figures["b2_kv_cache_speedup"] > 0
+
+
+def test_grad_checkpointing_quick(capsys):
+    import grad_checkpointing
+
+    grad_checkpointing.main(["--quick"])
+    figures = last_json(capsys)
+    assert figures["saved_ratio_on_off"] < 1
+    assert abs(figures["ckpt_off_saved_estimate_error"]) < 0.05
+
+
+def test_profile_step_quick(capsys):
+    import profile_step
+
+    profile_step.main(["--quick"])
+    assert last_json(capsys)["wall_s"] > 0
+
+
+def test_generic_sampling_quick(capsys):
+    import generic_sampling
+
+    generic_sampling.main(["--quick"])
+    figures = last_json(capsys)
+    assert {"long_exact_mean", "long_sampled_mean", "sampled_time_ratio"} <= set(figures)
+
+
+def test_pdpo_vs_trl_quick(capsys):
+    """Ours and TRL train on the same token sequences (the count is compared), in fresh processes."""
+    import pdpo_vs_trl
+
+    pdpo_vs_trl.main(["--quick", "--arms", "ours_dpo,trl_dpo"])
+    figures = last_json(capsys)
+    assert figures["tokens_ours"] == figures["tokens_trl"]
+    assert figures["ours_dpo_pairs_per_s"] > 0 and figures["trl_dpo_pairs_per_s"] > 0
+    assert figures["ours_dpo_peak_mb"] > 0
+
+
+def test_cuda_is_chosen_when_present():
+    import common
+
+    assert common.pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert common.pick_device("cpu") == "cpu"
