@@ -1,0 +1,177 @@
+"""Shared helpers of the benchmarks: device choice, side-by-side timing, peak memory, output format.
+
+Benchmarks print ratios measured side by side in one run: the machines they run on are shared and
+noisy, so an absolute time means little, and two implementations timed minutes apart mean less.
+Every benchmark therefore alternates its contenders (A B, then B A, ...) over several repetitions
+and reports medians and the ratio of medians. Each script prints a readable table and, as its last
+line, one JSON object with its figures (what tests/test_bench.py and the README read).
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the project's modules (model, prlhf, data, train) live at the root
+    sys.path.insert(0, str(ROOT))
+
+import model as lm  # noqa: E402
+
+
+def pick_device(flag: str = "auto") -> str:
+    if flag != "auto":
+        return flag
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync(device: str):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def timed(fn, device: str) -> float:
+    """Wall seconds of fn(), with the GPU's queue drained before and after."""
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def alternate(contenders: dict, reps: int, device: str, warmup: int = 1) -> dict[str, list[float]]:
+    """Time each contender `reps` times, interleaved: A B, B A, A B, ... (the order flips every round,
+    so a slow spell on a shared machine hits both). One untimed warm-up call each first."""
+    for fn in contenders.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in contenders}
+    names = list(contenders)
+    for rep in range(reps):
+        for name in (names if rep % 2 == 0 else names[::-1]):
+            times[name].append(timed(contenders[name], device))
+    return times
+
+
+def median(xs) -> float:
+    return statistics.median(xs)
+
+
+def spread(xs) -> str:
+    """min-max of the repetitions, for the table: how noisy the machine was."""
+    return f"{min(xs):.3g}-{max(xs):.3g}"
+
+
+def print_table(headers: list[str], rows: list[list], title: str | None = None):
+    if title:
+        print(f"\n{title}")
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max(len(h), *(len(r[i]) for r in cells)) for i, h in enumerate(headers)]
+    print("| " + " | ".join(h.ljust(w) for h, w in zip(headers, widths)) + " |")
+    print("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    for r in cells:
+        print("| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |")
+
+
+def emit_json(figures: dict):
+    """The last line of every benchmark: its figures as one JSON object."""
+    print(json.dumps(figures, sort_keys=False), flush=True)
+
+
+def describe_machine(device: str) -> str:
+    if device.startswith("cuda"):
+        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
+    return f"CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+
+
+def llama_config(layers=8, hidden=512, heads=8, kv_heads=None, intermediate=None, vocab=32000,
+                 max_positions=2048) -> lm.ModelConfig:
+    """A small LLaMA-style config; intermediate defaults to LLaMA's 8/3 * d rounded up to 32 (7B: 11008)."""
+    intermediate = intermediate or 32 * -(-int(8 * hidden / 3) // 32)
+    return lm.ModelConfig(family="llama", vocab_size=vocab, hidden_size=hidden, n_layers=layers, n_heads=heads,
+                          n_kv_heads=kv_heads or heads, head_dim=hidden // heads, intermediate_size=intermediate,
+                          norm_eps=1e-6, max_position_embeddings=max_positions, bos_token_id=0, eos_token_id=1,
+                          pad_token_id=2)
+
+
+def hf_twin(cfg: lm.ModelConfig, dtype, device, seed: int = 0):
+    """Our model and the `transformers` model with the same weights, both in eval mode.
+
+    transformers is told to use SDPA attention (its "sdpa" implementation), the kernel ours calls,
+    so the comparison is between implementations of the model, not between attention kernels.
+    """
+    import transformers
+
+    hf_cfg = dict(cfg.to_hf())
+    hf_cfg.pop("architectures", None)
+    config_cls = transformers.LlamaConfig if cfg.family == "llama" else transformers.GPTJConfig
+    model_cls = transformers.LlamaForCausalLM if cfg.family == "llama" else transformers.GPTJForCausalLM
+    config = config_cls(**{k: v for k, v in hf_cfg.items() if k != "model_type"})
+    config._attn_implementation = "sdpa"
+    ours = lm.build_model(cfg, dtype=torch.float32, seed=seed)
+    hf = model_cls(config)
+    hf_params = dict(hf.named_parameters(remove_duplicate=False))
+    ours_params = dict(ours.named_parameters(remove_duplicate=False))
+    with torch.no_grad():
+        for hf_name, our_name in lm.hf_key_map(cfg).items():
+            hf_params[hf_name].copy_(ours_params[our_name])
+    assert hf.config._attn_implementation == "sdpa"
+    return ours.to(device=device, dtype=dtype).eval(), hf.to(device=device, dtype=dtype).eval()
+
+
+# ----------------------------------------------------------------------------------------------
+# Peak memory of a measurement run in its own process
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now, MiB (Linux)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's high-water mark of resident memory (Linux: write 5 to clear_refs)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory since start (or since reset_peak_rss), MiB: VmHWM, else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_worker(script: Path, args: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
+    """Run `python script args` in a fresh process; return the JSON object on its last line.
+
+    glibc keeps freed blocks of up to 32 MiB in its heap by default, so resident memory would lag
+    behind what torch has freed; a fixed mmap threshold makes large frees go back to the kernel and
+    the resident-memory peak follow the live tensors.
+    """
+    full_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", **(env or {})}
+    proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=full_env,
+                          timeout=timeout, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{script.name} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
