@@ -95,6 +95,14 @@ def describe_machine(device: str) -> str:
 # Models
 
 
+def add_model_args(p, layers: int = 8, hidden: int = 512, heads: int = 8, vocab: int = 32000):
+    """The LLaMA-style model size flags every benchmark shares (see llama_config)."""
+    p.add_argument("--layers", type=int, default=layers)
+    p.add_argument("--hidden", type=int, default=hidden, help="d")
+    p.add_argument("--heads", type=int, default=heads)
+    p.add_argument("--vocab", type=int, default=vocab)
+
+
 def llama_config(layers=8, hidden=512, heads=8, kv_heads=None, intermediate=None, vocab=32000,
                  max_positions=2048) -> lm.ModelConfig:
     """A small LLaMA-style config; intermediate defaults to LLaMA's 8/3 * d rounded up to 32 (7B: 11008)."""

@@ -35,10 +35,7 @@ SCRIPT = Path(__file__).resolve()
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
+    C.add_model_args(p)
     p.add_argument("--batch", type=int, default=1, help="pairs B (4B rows for exact P-DPO)")
     p.add_argument("--seq", type=int, default=256, help="tokens per row (the second half is the response)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="bf16: autocast, fp32 weights")

@@ -26,10 +26,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--hidden", type=int, default=512, help="d")
-    p.add_argument("--heads", type=int, default=8)
-    p.add_argument("--vocab", type=int, default=32000)
+    C.add_model_args(p)
     p.add_argument("--seq", type=int, default=512, help="tokens per row")
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--dtypes", default="fp32,bf16", help="comma-separated: fp32, bf16")

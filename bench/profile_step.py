@@ -43,10 +43,7 @@ GROUPS = {  # operator name fragments -> group, first match wins
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=1024)
+    C.add_model_args(p, layers=4, hidden=256, heads=4, vocab=1024)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--steps", type=int, default=8, help="profiled steps (after 2 warm-up steps)")
     p.add_argument("--user-model", default="individual")
