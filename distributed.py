@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import atexit
 import copy
+import gc
 import os
 from dataclasses import dataclass
 
@@ -51,8 +52,29 @@ def setup(device: str, parallel: str) -> Distributed:
     if not dist.is_initialized():  # train() may run several stages in one process
         cuda = device.startswith("cuda")
         dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
-        atexit.register(dist.destroy_process_group)
+        atexit.register(close)
     return Distributed(rank, world_size, device, parallel)
+
+
+_meshes = []  # FSDP's device meshes (see close)
+
+
+def close():
+    """Destroy the process groups, and make sure they are freed while Python is still whole.
+
+    A gloo group runs collectives on worker threads, which it joins when it is freed. Under FSDP it
+    used to outlive destroy_process_group: FSDP's modules (in reference cycles) hold it, and DTensor's
+    sharding caches keep the device mesh, which holds its groups, until the interpreter is torn down.
+    A worker thread still alive then can abort the process ("terminate called without an active
+    exception", once in CI, on the rank that exits first). Runs at exit (registered by setup).
+    """
+    if not dist.is_initialized():
+        return
+    gc.collect()  # the FSDP modules train() left behind
+    for mesh in _meshes:
+        mesh._pg_registry.clear()  # (a private field: the mesh's process groups, by name)
+    _meshes.clear()
+    dist.destroy_process_group()
 
 
 class Bundle(nn.Module):
@@ -119,6 +141,7 @@ class Distributed:
         if self.rank == 0:
             self.skeleton = meta_copy(bundle)
         mesh = init_device_mesh(torch.device(self.device).type, (self.world_size,))
+        _meshes.append(mesh)
         for block in model.layers:  # one group per block: only a block or two are ever whole at once
             fully_shard(block, mesh=mesh)
         # the root group: embeddings (tied to the output head, so in one group), final norm, user model,

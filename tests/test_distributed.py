@@ -7,6 +7,7 @@ process to two and back. The toy set has 43 pairs: with a global batch of 4, one
 """
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -61,8 +62,8 @@ def single(toy):
 
 def torchrun(*args, script="train.py", expect_ok=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, *args]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,  # faulthandler: a
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})  # crash's stack
     if expect_ok:
         assert r.returncode == 0, r.stderr[-4000:]
     return r
@@ -115,6 +116,42 @@ def test_rank_parts_rebuild_the_global_batch():
     assert [d.part_of(single_pair) for d in ranks] == [([5], 0), ([5], 0), ([5], 1)]  # two ranks pad, weight 0
     shards = [d.shard(list("abcdefg"), pad="-") for d in ranks]
     assert shards == [list("adg"), list("be-"), list("cf-")]  # as many per rank, every item once
+
+
+CLOSE = """import os, sys
+sys.path.insert(0, {root!r})
+import torch
+import distributed
+os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
+d = distributed.setup("cpu", sys.argv[2])
+layers = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
+model = torch.nn.Module()
+model.layers = layers
+d.wrap(model, None, None)
+d.wrapped(lambda: model.layers(torch.ones(2, 4)).sum().backward())
+del d, model, layers
+threads = lambda: sorted(open(f"/proc/self/task/{{t}}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+before = threads()
+distributed.close()
+print(sum("gloo" in t for t in before), sum("gloo" in t for t in threads()))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs /proc to list threads")
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_close_joins_the_gloo_threads_before_python_shuts_down(tmp_path, parallel):
+    """Under FSDP the process group outlived destroy_process_group (DTensor caches keep the device mesh),
+    so gloo's worker threads were still running while Python tore down: a rare abort at exit in CI."""
+    script = tmp_path / "close.py"
+    script.write_text(CLOSE.format(root=str(ROOT)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    r = subprocess.run([sys.executable, str(script), str(port), parallel], capture_output=True, text=True,
+                       timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    before, after = map(int, r.stdout.split())
+    assert before > 0 and after == 0, r.stdout  # gloo threads while open; none once closed
 
 
 @pytest.mark.distributed
