@@ -62,8 +62,9 @@ def single(toy):
 
 def torchrun(*args, script="train.py", expect_ok=True):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", script, *args]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,  # faulthandler: a
-                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})  # crash's stack
+    # PYTHONFAULTHANDLER: a rank that crashes prints its Python stack
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"})
     if expect_ok:
         assert r.returncode == 0, r.stderr[-4000:]
     return r
