@@ -207,8 +207,15 @@ class Pair:
 
 def _read_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line; raise DataError at the first bad line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(
+                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
+                    f"save the file as UTF-8"
+                ) from None
             if not line.strip():
                 continue
             try:
@@ -453,6 +460,17 @@ def _pad(rows: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Te
     return input_ids, response_mask
 
 
+def prefix_ids(tokenizer: Tokenizer, prompt_ids: list[int], user_text_ids: Sequence[int] = ()) -> list[int]:
+    """The token part of every row before the response: [BOS] [user text] [prompt].
+
+    The one place the layout is written: collate (policy, reference and SFT rows) and generation use it.
+    The policy's full layout, PAPER.md "Personalized LM", is [BOS] [e_u] [user text] [prompt] [response]:
+    prlhf.embed_with_user_prefix puts the T_u user vectors right after position 0, the BOS. The reference
+    model gets no user information: user_text_ids empty, and no e_u.
+    """
+    return [tokenizer.bos_id, *user_text_ids, *prompt_ids]
+
+
 def collate_pairs(
     items: Sequence[TokenizedPair], tokenizer: Tokenizer, row_of: Callable[[str], int], use_user_text: bool
 ) -> dict:
@@ -468,13 +486,12 @@ def collate_pairs(
       users, groups            lists of B strings (groups may hold None)
       index                    (B,)   LongTensor, each pair's position in the tokenized list
     """
-    bos = [tokenizer.bos_id]
     policy_rows, reference_rows = [], []
     for responses in ("chosen_ids", "rejected_ids"):  # chosen rows first, then rejected
         for item in items:
             user_text = item.user_text_ids if use_user_text else []
-            policy_rows.append((bos + user_text + item.prompt_ids, getattr(item, responses)))
-            reference_rows.append((bos + item.prompt_ids, getattr(item, responses)))
+            policy_rows.append((prefix_ids(tokenizer, item.prompt_ids, user_text), getattr(item, responses)))
+            reference_rows.append((prefix_ids(tokenizer, item.prompt_ids), getattr(item, responses)))
     policy_input_ids, policy_response_mask = _pad(policy_rows, tokenizer.pad_id)  # (2B, T)
     reference_input_ids, reference_response_mask = _pad(reference_rows, tokenizer.pad_id)  # (2B, T')
     return {
@@ -520,7 +537,7 @@ def sft_examples_from_pairs(items: Sequence[TokenizedPair]) -> list[SFTExample]:
 def collate_sft(items: Sequence[SFTExample], tokenizer: Tokenizer) -> dict:
     """Batch B examples as [BOS] + prompt + response(+EOS), right-padded:
     input_ids (B, T) LongTensor and response_mask (B, T), True on response tokens (the ones scored)."""
-    rows = [([tokenizer.bos_id] + item.prompt_ids, item.response_ids) for item in items]
+    rows = [(prefix_ids(tokenizer, item.prompt_ids), item.response_ids) for item in items]
     input_ids, response_mask = _pad(rows, tokenizer.pad_id)  # (B, T)
     return {"input_ids": input_ids, "response_mask": response_mask}
 

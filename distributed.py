@@ -2,8 +2,9 @@
 
     torchrun --standalone --nproc-per-node 8 train.py --parallel fsdp --model CKPT --data train.jsonl --out runs/x
 
-train.py imports this file only when torchrun started it with WORLD_SIZE > 1; a single process never runs
-any of it. PyTorch's own engines do the work: DistributedDataParallel (Li et al., "PyTorch Distributed",
+train.py asks `setup` for its processes either way: without torchrun (WORLD_SIZE 1) it gets a
+SingleProcess, the same interface with every operation the identity, so the training loop never asks
+how many processes there are. PyTorch's own engines do the work: DistributedDataParallel (Li et al., "PyTorch Distributed",
 VLDB 2020) keeps a full replica per rank and all-reduces gradients; FSDP2's `fully_shard` (Zhao et al.,
 "PyTorch FSDP", VLDB 2023) keeps 1/N of every weight, gradient and AdamW moment per rank and all-gathers
 one transformer block's weights just before it runs. What this file adds is what makes N processes train
@@ -31,17 +32,20 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                     get_optimizer_state_dict, set_model_state_dict,
-                                                     set_optimizer_state_dict)
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
-from torch.nn.parallel import DistributedDataParallel
+
+# PyTorch's engines are imported where they are used: a single process (most runs) never loads them.
 
 PARALLEL = ("ddp", "fsdp")
 
 
-def setup(device: str, parallel: str) -> Distributed:
+def setup(device: str, parallel: str) -> Distributed | SingleProcess:
+    """The processes this run has: torchrun's (WORLD_SIZE > 1), or a SingleProcess."""
+    if int(os.environ.get("WORLD_SIZE", 1)) <= 1:
+        return SingleProcess(device)
+    return join(device, parallel)
+
+
+def join(device: str, parallel: str) -> Distributed:
     """Join the process group that torchrun describes in RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT."""
     if parallel not in PARALLEL:
         raise ValueError(f"--parallel {parallel}: expected one of {', '.join(PARALLEL)}")
@@ -50,6 +54,12 @@ def setup(device: str, parallel: str) -> Distributed:
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():  # train() may run several stages in one process
+        # PyTorch's engines load before the group exists: loaded after it, something in them kept the
+        # group alive past close(), gloo threads and all (test_close_joins_the_gloo_threads...)
+        import torch.distributed.checkpoint.state_dict  # noqa: F401
+        import torch.distributed.fsdp  # noqa: F401
+        import torch.nn.parallel  # noqa: F401
+
         cuda = device.startswith("cuda")
         dist.init_process_group("nccl" if cuda else "gloo", device_id=torch.device(device) if cuda else None)
         atexit.register(close)
@@ -66,7 +76,7 @@ def close():
     used to outlive destroy_process_group: FSDP's modules (in reference cycles) hold it, and DTensor's
     sharding caches keep the device mesh, which holds its groups, until the interpreter is torn down.
     A worker thread still alive then can abort the process ("terminate called without an active
-    exception", once in CI, on the rank that exits first). Runs at exit (registered by setup).
+    exception", once in CI, on the rank that exits first). Runs at exit (registered by join).
     """
     if not dist.is_initialized():
         return
@@ -112,6 +122,60 @@ def materialize(skeleton: nn.Module, tensors: dict) -> nn.Module:
     return skeleton
 
 
+def copy_full_state(trainables: dict, optimizer, tensors: dict, optimizer_state: dict):
+    """Full tensors and AdamW state (a checkpoint's) into full parameters: one process, or a DDP replica."""
+    with torch.no_grad():
+        for k, p in trainables.items():
+            p.copy_(tensors[k])
+    optimizer.load_state_dict(optimizer_state)
+
+
+@dataclass
+class SingleProcess:
+    """One process, no torchrun: Distributed's interface, each operation the identity (or a no-op)."""
+    device: str
+    rank: int = 0
+    world_size: int = 1
+    sharded: bool = False
+    modules: tuple = (None, None, None)
+
+    def wrap(self, model, user_model, head):
+        self.modules = (model, user_model, head)
+
+    def wrapped(self, fn, *args):
+        return fn(*args)
+
+    def sync_gradients(self, enabled: bool):
+        pass
+
+    def part_of(self, idx: list[int]) -> tuple[list[int], int]:
+        return idx, len(idx)
+
+    def share(self, count: float) -> float:
+        return 1.0
+
+    def shard(self, items: list, pad=None) -> list:
+        return items
+
+    def average(self, rows: list[dict]) -> list[dict]:
+        return rows
+
+    def total(self, x: float) -> float:
+        return x
+
+    def gather(self, items: list) -> list:
+        return items
+
+    def full_state(self, trainables: dict, optimizer) -> tuple[dict, dict]:
+        return trainables, optimizer.state_dict()
+
+    def load_full_state(self, trainables: dict, optimizer, tensors: dict, optimizer_state: dict):
+        copy_full_state(trainables, optimizer, tensors, optimizer_state)
+
+    def full_modules(self):
+        return self.modules
+
+
 @dataclass
 class Distributed:
     rank: int
@@ -131,6 +195,10 @@ class Distributed:
     def wrap(self, model, user_model, head):
         """Hand the trained modules to DDP or FSDP2. Call before building the optimizer: FSDP replaces
         each parameter with its shard (a DTensor), under the same name and module attributes."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.nn.parallel import DistributedDataParallel
+
         bundle = Bundle(model, user_model, head)
         if self.parallel == "ddp":
             cuda = self.device.startswith("cuda")
@@ -210,14 +278,19 @@ class Distributed:
         return [x for part in parts for x in part]
 
     # ------------------------------------------------------------------------------------------
-    # Checkpoints in the single-process format (train.save_checkpoint), and the final weights
+    # Checkpoints in the single-process format (runs.save_checkpoint), and the final weights
 
     def full_state(self, trainables: dict, optimizer) -> tuple[dict, dict]:
-        """FSDP: trainable tensors and AdamW state, gathered onto rank 0's CPU (a collective).
+        """Trainable tensors and AdamW state in full; FSDP gathers them onto rank 0's CPU (a collective).
 
         Returned as a single process has them: tensors by name; optimizer state by parameter position,
         the order of `trainables` (train.py builds the optimizer's groups from it). Empty on other ranks.
         """
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                             get_optimizer_state_dict)
+
+        if not self.sharded:  # DDP: every rank holds the full tensors already
+            return trainables, optimizer.state_dict()
         options = StateDictOptions(full_state_dict=True, cpu_offload=True)
         tensors = get_model_state_dict(self.wrapped, options=options)
         opt = get_optimizer_state_dict(self.wrapped, optimizer, options=options)
@@ -227,7 +300,12 @@ class Distributed:
         return {k: tensors[k] for k in trainables if k in tensors}, {"state": state, "param_groups": param_groups}
 
     def load_full_state(self, trainables: dict, optimizer, tensors: dict, optimizer_state: dict):
-        """FSDP: full tensors and AdamW state (as full_state returns them) into this rank's shards."""
+        """Full tensors and AdamW state (as full_state returns them) into this rank's replica or shards."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+
+        if not self.sharded:
+            return copy_full_state(trainables, optimizer, tensors, optimizer_state)
         names = list(trainables)
         # strict=False: frozen weights (LoRA's base) are not in checkpoints, and a tied head is the embedding
         set_model_state_dict(self.wrapped, tensors, options=StateDictOptions(full_state_dict=True, strict=False))
@@ -239,6 +317,8 @@ class Distributed:
     def full_modules(self):
         """(model, user_model, head) as plain modules with full weights, for save_run. DDP: the replicas.
         FSDP: gathered onto rank 0's CPU (every rank must call this); (None, None, None) elsewhere."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
         if self.parallel == "ddp":
             b = self.wrapped.module
             return b.model, b.user, b.head

@@ -18,14 +18,16 @@ of a new user's pairs, and `--curve` measures how held-out accuracy grows with t
     python eval.py adapt RUN_DIR --curve            # a fresh toy user who prefers short answers
     python eval.py users RUN_DIR
 
-Scoring and generation reuse train.py (score_pairs, summarize, generate_responses, load_run,
-load_base); this file adds intervals, tables, the report, adaptation and inspection.
-Reading order: intervals and tables; opening a run and scoring it; generation; the report (markdown,
-plots); evaluating runs end to end; adapting to a new user; inspecting users; the command line.
+Scoring (score_pairs, with prlhf.pdpo_step's implicit reward), reference log-probs cached once
+(reference_cache) and generation as each user (generate_responses) live here; train.py uses them for
+its own evaluation. runs.py opens run directories. Reading order: intervals and tables; scoring pairs;
+opening a run and scoring it; generation; the report (markdown, plots); evaluating runs end to end;
+adapting to a new user; inspecting users; the command line.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import dataclasses
 import json
@@ -39,8 +41,10 @@ import torch
 from tqdm import tqdm
 
 import data
+import distributed
+import model as lm
 import prlhf
-import train
+import runs
 
 # ----------------------------------------------------------------------------------------------
 # Intervals and tables
@@ -69,7 +73,7 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
 def accuracy_table(records: list[dict], key: str) -> dict:
     """{value of `key`: accuracy, ci95 (Wilson), pairs, correct, mean_margin} over score records."""
     table = {}
-    for name, s in train.summarize(records, key).items():
+    for name, s in summarize(records, key).items():
         correct = round(s["accuracy"] * s["pairs"])
         table[name] = {"accuracy": s["accuracy"], "ci95": list(wilson_interval(correct, s["pairs"])),
                        "pairs": s["pairs"], "correct": correct, "mean_margin": s["mean_margin"]}
@@ -109,13 +113,85 @@ def run_results(stage: str, records: list[dict], generations: list[dict]) -> dic
 
 
 # ----------------------------------------------------------------------------------------------
+# Scoring pairs: the implicit reward r(x, y, u) of each pair's user (or a reward model's head)
+
+ONE_PROCESS = distributed.SingleProcess("cpu")  # its operations are the identity on any device
+
+
+@torch.no_grad()
+def score_pairs(model, user_model, items, collate, cfg: prlhf.PDPOConfig, *, reference=None, head=None,
+                batch_size=16, autocast=contextlib.nullcontext(), desc=None, dist=ONE_PROCESS) -> list[dict]:
+    """One record per pair: user, group, reward margin r(x, y_w, u) - r(x, y_l, u), correct (margin > 0).
+
+    The margin is prlhf.pdpo_step's implicit reward with cfg.personalized() (each pair's own user;
+    unknown users get row 0 through the registry); `reference(batch)` gives the reference log-probs.
+    With `head` the reward model scores the pair instead (prlhf.prm_step). Forwards run through
+    dist.wrapped, the DDP/FSDP root under torchrun (distributed.py).
+    """
+    def margins(batch):
+        if head is not None:
+            out = prlhf.prm_step(model, head, user_model, batch, alpha=1.0)
+        else:
+            out = prlhf.pdpo_step(model, user_model, batch, reference, cfg.personalized())
+        return out["chosen_rewards"] - out["rejected_rewards"]
+
+    was_training = model.training
+    model.eval()
+    records = []
+    batches = data.make_batches(items, batch_size, shuffle=False, seed=0, epoch=0)
+    for idx in tqdm(batches, desc=desc, disable=desc is None, leave=False):
+        batch = collate([items[i] for i in idx])
+        with autocast:
+            margin = dist.wrapped(margins, batch)
+        for j, m in enumerate(margin.float().tolist()):
+            records.append({"user": batch["users"][j], "group": batch["groups"][j], "margin": m, "correct": m > 0})
+    model.train(was_training)
+    return records
+
+
+def summarize(records: list[dict], key: str) -> dict:
+    """Accuracy and mean margin per value of `key` ("user" or "group")."""
+    out = {}
+    for r in records:
+        g = out.setdefault(str(r[key]), {"pairs": 0, "correct": 0, "margin": 0.0})
+        g["pairs"] += 1
+        g["correct"] += r["correct"]
+        g["margin"] += r["margin"]
+    return {k: {"accuracy": v["correct"] / v["pairs"], "mean_margin": v["margin"] / v["pairs"], "pairs": v["pairs"]}
+            for k, v in sorted(out.items())}
+
+
+@torch.no_grad()
+def reference_cache(reference, splits: dict, collate, *, batch_size: int, autocast=contextlib.nullcontext(),
+                    dist=ONE_PROCESS, quiet: bool = True):
+    """Reference log-probs computed once per pair, then looked up: reference(batch) as a cache.
+
+    splits: {name: tokenized items}; a batch says which split it is from in batch["split"] (default
+    "train"). pi_ref never changes, so one pass over the data replaces a reference pass per step.
+    Under torchrun each rank computes a share (as many batches on every rank: each FSDP forward is
+    collective) and the shares are gathered, since any rank may train on any pair.
+    """
+    cache = {}
+    for split, items in splits.items():
+        batches = dist.shard(data.make_batches(items, batch_size, shuffle=False, seed=0, epoch=0))
+        for idx in tqdm(batches, desc=f"reference log-probs ({split})", disable=quiet, leave=False):
+            batch = {**collate([items[i] for i in idx]), "split": split}
+            with autocast:
+                chosen, rejected = dist.wrapped(reference, batch)
+            for j, i in enumerate(batch["index"].tolist()):
+                cache[(split, i)] = (chosen[j].float().cpu(), rejected[j].float().cpu())
+    cache = dict(dist.gather(list(cache.items())))
+
+    def cached(batch):
+        pairs = [cache[(batch.get("split", "train"), i)] for i in batch["index"].tolist()]
+        device = batch["index"].device
+        return torch.stack([p[0] for p in pairs]).to(device), torch.stack([p[1] for p in pairs]).to(device)
+
+    return cached
+
+
+# ----------------------------------------------------------------------------------------------
 # Opening a run, and scoring its pairs
-
-
-def pick_device(device: str) -> str:
-    if device != "auto":
-        return device
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,23 +199,23 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 def check_run_dir(path) -> Path:
     path = Path(path)
-    if not train.is_run_dir(path):
+    if not runs.is_run_dir(path):
         raise FileNotFoundError(f"{path}: not a run directory (no args.json); train one with "
                                 f"`python train.py --out DIR`, or run `python train.py` for the demo")
     return path
 
 
-def open_run(path, dtype, device) -> train.Run:
-    """train.load_run, refusing what has no preference reward (SFT runs) with a message for people."""
+def open_run(path, dtype, device) -> runs.Run:
+    """runs.load_run, refusing what has no preference reward (SFT runs) with a message for people."""
     path = check_run_dir(path)
     stage = json.loads((path / "args.json").read_text()).get("stage")
     if stage not in ("pdpo", "prm"):
         raise ValueError(f"{path}: a {stage} run has no preference reward to evaluate; "
                          f"evaluate a pdpo or prm run (args.json 'stage')")
-    return train.load_run(path, dtype, device)
+    return runs.load_run(path, dtype, device)
 
 
-def load_reference(run_dir, run: train.Run, override: str | None, dtype, device):
+def load_reference(run_dir, run: runs.Run, override: str | None, dtype, device):
     """pi_ref: the run's starting model (args.json 'model'), used without user embedding (PAPER.md)."""
     if run.reward_head is not None:
         return None  # a reward model scores pairs with its head
@@ -147,7 +223,7 @@ def load_reference(run_dir, run: train.Run, override: str | None, dtype, device)
     if not Path(where).exists():
         raise FileNotFoundError(f"{Path(run_dir) / 'args.json'}: reference model 'model' = {where} does not "
                                 f"exist from here; pass --reference PATH (the run's starting checkpoint)")
-    return train.load_base(where, dtype, device).eval()
+    return runs.load_base(where, dtype, device).eval()
 
 
 def read_data(data_file) -> list[data.Pair]:
@@ -156,14 +232,14 @@ def read_data(data_file) -> list[data.Pair]:
     return data.read_pairs(data_file)
 
 
-def user_coverage(run: train.Run, pairs: list[data.Pair]) -> tuple[list[str], list[str]]:
+def user_coverage(run: runs.Run, pairs: list[data.Pair]) -> tuple[list[str], list[str]]:
     """(known, unseen) user identifiers of `pairs`, in order of first appearance."""
     users = list(dict.fromkeys(p.user for p in pairs))
     known = [u for u in users if run.registry.row(u) != 0]
     return known, [u for u in users if run.registry.row(u) == 0]
 
 
-def coverage_message(name: str, run: train.Run, pairs: list[data.Pair], data_file) -> str | None:
+def coverage_message(name: str, run: runs.Run, pairs: list[data.Pair], data_file) -> str | None:
     """A note when some users are unseen (fine: they get e_0), a warning when none is known."""
     known, unseen = user_coverage(run, pairs)
     listed = ", ".join(unseen[:5]) + (", ..." if len(unseen) > 5 else "")
@@ -177,45 +253,43 @@ def coverage_message(name: str, run: train.Run, pairs: list[data.Pair], data_fil
     return None
 
 
-def pair_collate(run: train.Run, device, row_of=None):
+def pair_collate(run: runs.Run, device, row_of=None):
     """data.collate_pairs with the run's tokenizer, registry (or `row_of`) and user-text setting."""
-    use_user_text = run.args["user_info"] != "implicit"
     row_of = row_of or run.registry.row
 
     def collate(items):
-        b = data.collate_pairs(items, run.tokenizer, row_of, use_user_text=use_user_text)
+        b = data.collate_pairs(items, run.tokenizer, row_of, use_user_text=run.pdpo.use_user_text)
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
     return collate
 
 
-def online_reference(reference_model, average: bool):
+def online_reference(reference_model, cfg: prlhf.PDPOConfig):
     """reference(batch) -> (log pi_ref(y_w | x), log pi_ref(y_l | x)), each (B,), computed on demand."""
     if reference_model is None:
         return None
-    return lambda batch: prlhf.reference_logps(reference_model, batch, average=average)
+    return lambda batch: prlhf.reference_logps(reference_model, batch, average=cfg.average_logps)
 
 
-def tokenize(run: train.Run, pairs: list[data.Pair]) -> list[data.TokenizedPair]:
+def tokenize(run: runs.Run, pairs: list[data.Pair]) -> list[data.TokenizedPair]:
     items, _ = data.tokenize_pairs(pairs, run.tokenizer, run.args["max_length"], run.args["max_prompt_length"])
     return items
 
 
-def score_run(run: train.Run, reference_model, pairs: list[data.Pair], *, device, batch_size=16,
+def score_run(run: runs.Run, reference_model, pairs: list[data.Pair], *, device, batch_size=16,
               desc=None) -> list[dict]:
-    """train.score_pairs on `pairs`: one record per pair with user, group, status, margin, correct.
+    """score_pairs on `pairs`: one record per pair with user, group, status, margin, correct.
 
     margin = r(x, y_w, u) - r(x, y_l, u): the implicit reward above (IPO runs average log-probs per
     token, as they were trained), or the reward head's difference for a prm run.
     """
-    average = run.args["loss"] == "ipo"
-    records = train.score_pairs(run.model, run.user_model, tokenize(run, pairs), pair_collate(run, device),
-                                beta=run.args["beta"], reference=online_reference(reference_model, average),
-                                head=run.reward_head, batch_size=batch_size, desc=desc, average=average)
+    records = score_pairs(run.model, run.user_model, tokenize(run, pairs), pair_collate(run, device), run.pdpo,
+                          reference=online_reference(reference_model, run.pdpo), head=run.reward_head,
+                          batch_size=batch_size, desc=desc)
     return label(run, records)
 
 
-def label(run: train.Run, rows: list[dict]) -> list[dict]:
+def label(run: runs.Run, rows: list[dict]) -> list[dict]:
     """Add the keys the tables group by: status (known / unseen to the run), group ("(none)" if
     unlabelled), and "all" (one key shared by every row, for the overall line)."""
     for r in rows:
@@ -229,6 +303,29 @@ def label(run: train.Run, rows: list[dict]) -> list[dict]:
 # Generation: a seeded sample of prompts per user, batched, with the model's KV cache
 
 
+@torch.no_grad()
+def generate_responses(model, user_model, registry, tokenizer, items, *, use_user_text=False, max_new_tokens=64,
+                       temperature=0.0, top_p=None, batch_size=32, seed=0, desc=None) -> list[dict]:
+    """Generate a response to each item's prompt as its user: [BOS] [e_u] [user text] [prompt] -> response."""
+    generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
+    out = []
+    for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=desc is None, leave=False):
+        chunk = items[start:start + batch_size]
+        prompts = [data.prefix_ids(tokenizer, it.prompt_ids, it.user_text_ids if use_user_text else [])
+                   for it in chunk]
+        prefix = None
+        if user_model is not None:
+            rows = registry.rows([it.user for it in chunk]).to(model.tok_embeddings.weight.device)
+            prefix = user_model(rows)  # (B, T_u, d)
+        new = lm.generate(model, prompts, max_new_tokens, prefix_embeds=prefix, eos_token_id=tokenizer.eos_id,
+                          temperature=temperature, top_p=top_p, generator=generator)
+        for it, ids in zip(chunk, new):
+            text_ids = ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids
+            out.append({"user": it.user, "group": it.group, "prompt": tokenizer.decode(it.prompt_ids),
+                        "response": tokenizer.decode(text_ids), "response_tokens": len(text_ids)})
+    return out
+
+
 def sample_prompts(pairs: list[data.Pair], per_user: int, seed: int) -> list[data.Pair]:
     """Up to `per_user` pairs of each user, drawn with a seeded RNG: every run compared gets the same."""
     rng = random.Random(seed)
@@ -238,13 +335,12 @@ def sample_prompts(pairs: list[data.Pair], per_user: int, seed: int) -> list[dat
     return [p for user in sorted(by_user) for p in rng.sample(by_user[user], min(per_user, len(by_user[user])))]
 
 
-def generate_for_run(run: train.Run, pairs: list[data.Pair], *, max_new_tokens, temperature, top_p, batch_size,
+def generate_for_run(run: runs.Run, pairs: list[data.Pair], *, max_new_tokens, temperature, top_p, batch_size,
                      seed, desc=None) -> list[dict]:
-    """train.generate_responses as each pair's user: greedy when temperature == 0, else sampled (seeded)."""
-    gens = train.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, tokenize(run, pairs),
-                                    use_user_text=run.args["user_info"] != "implicit",
-                                    max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                    batch_size=batch_size, seed=seed, desc=desc)
+    """generate_responses as each pair's user: greedy when temperature == 0, else sampled (seeded)."""
+    gens = generate_responses(run.model, run.user_model, run.registry, run.tokenizer, tokenize(run, pairs),
+                              use_user_text=run.pdpo.use_user_text, max_new_tokens=max_new_tokens,
+                              temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed, desc=desc)
     return label(run, gens)
 
 
@@ -486,12 +582,12 @@ def evaluate_runs(run_dirs: list[str], data_file, *, out=None, reference: str | 
     for i, (name, path) in enumerate(zip(run_names(paths), paths)):
         results[name], generations[name], embeddings[name], run_notes = evaluate_run(
             name, path, pairs, data_file, generate, reference=reference if i == 0 else None,
-            device=pick_device(device), dtype=DTYPES[dtype], quiet=quiet)
+            device=runs.pick_device(device), dtype=DTYPES[dtype], quiet=quiet)
         notes += run_notes
     settings = (f"{samples_per_user} prompts per user (seed {seed}), "
                 + ("greedy" if temperature == 0 else f"sampled at temperature {temperature}, top-p {top_p}")
                 + f", at most {max_new_tokens} new tokens.")
-    train.atomic_write_json(results, out / "results.json")
+    runs.atomic_write_json(results, out / "results.json")
     with open(out / "generations.jsonl", "w") as f:
         f.writelines(json.dumps(g) + "\n" for gens in generations.values() for g in gens)
     plots = write_plots(results, generations, embeddings, user_groups(pairs), out)
@@ -569,32 +665,21 @@ def row_parameter(user_model) -> torch.nn.Parameter:
     return user_model.embeddings if isinstance(user_model, prlhf.IndividualUserModel) else user_model.user_logits
 
 
-def cached_reference(reference, items, collate, batch_size: int):
+def cached_reference(reference, items, collate, batch_size: int = 16):
     """Reference log-probs computed once for `items` (they never change while a row is fitted)."""
     if reference is None:
         return None
-    cache = {}
-    for idx in data.make_batches(items, batch_size, shuffle=False):
-        batch = collate([items[i] for i in idx])
-        chosen, rejected = reference(batch)
-        cache.update({i: (c, r) for i, c, r in zip(batch["index"].tolist(), chosen, rejected)})
-    return lambda batch: tuple(torch.stack([cache[i][k] for i in batch["index"].tolist()]) for k in (0, 1))
+    return reference_cache(reference, {"train": items}, collate, batch_size=batch_size)
 
 
-def new_user_loss(run: train.Run, user_model, batch, reference) -> torch.Tensor:
+def new_user_loss(run: runs.Run, user_model, batch, reference) -> torch.Tensor:
     """The run's own objective with alpha = 1 (only the new user's term): P-DPO, or P-RM for a prm run."""
     if run.reward_head is not None:
-        r = prlhf.personalized_rewards(run.model, run.reward_head, user_model, batch, 1.0)
-        return prlhf.prm_loss(r["chosen_rewards"], r["rejected_rewards"], alpha=1.0)["losses"].mean()
-    average = run.args["loss"] == "ipo"
-    p = prlhf.policy_logps(run.model, user_model, batch, 1.0, average=average)
-    ref_chosen, ref_rejected = reference(batch)
-    return prlhf.pdpo_loss(p["policy_chosen_logps"], p["policy_rejected_logps"], ref_chosen, ref_rejected,
-                           alpha=1.0, beta=run.args["beta"], loss_type=run.args["loss"],
-                           label_smoothing=run.args["label_smoothing"])["losses"].mean()
+        return prlhf.prm_step(run.model, run.reward_head, user_model, batch, alpha=1.0)["losses"].mean()
+    return prlhf.pdpo_step(run.model, user_model, batch, reference, run.pdpo.personalized())["losses"].mean()
 
 
-def fit_user_row(run: train.Run, user_model, row: int, items, collate, reference, *, steps: int, lr: float,
+def fit_user_row(run: runs.Run, user_model, row: int, items, collate, reference, *, steps: int, lr: float,
                  batch_size: int = 8, seed: int = 0, desc=None) -> list[float]:
     """Adam on row `row` alone; the LM, the clusters and every other row stay frozen. Returns the losses.
 
@@ -624,11 +709,10 @@ def fit_user_row(run: train.Run, user_model, row: int, items, collate, reference
     return losses
 
 
-def row_accuracy(run: train.Run, user_model, row: int, items, device, reference, batch_size=16) -> dict:
+def row_accuracy(run: runs.Run, user_model, row: int, items, device, reference, batch_size=16) -> dict:
     """Accuracy of every pair in `items` scored as user row `row` (0 = the generic embedding e_0)."""
-    records = train.score_pairs(run.model, user_model, items, pair_collate(run, device, lambda _: row),
-                                beta=run.args["beta"], reference=reference, head=run.reward_head,
-                                batch_size=batch_size, average=run.args["loss"] == "ipo")
+    records = score_pairs(run.model, user_model, items, pair_collate(run, device, lambda _: row), run.pdpo,
+                          reference=reference, head=run.reward_head, batch_size=batch_size)
     return accuracy_table([{**r, "all": "all"} for r in records], "all")["all"]
 
 
@@ -652,7 +736,7 @@ def toy_user_pairs(name: str, n_train: int, n_held_out: int, seed: int) -> tuple
 CURVE_SIZES = (1, 4, 16, 64)
 
 
-def adaptation_curve(run: train.Run, reference_model, fit_pairs, held_out_pairs, name: str, *, device,
+def adaptation_curve(run: runs.Run, reference_model, fit_pairs, held_out_pairs, name: str, *, device,
                      sizes=CURVE_SIZES, steps: int = 32, lr: float = 0.05, seed: int = 0, quiet=False) -> list[dict]:
     """Held-out accuracy for the new user after fitting their row on the first k pairs, for each k.
 
@@ -663,7 +747,7 @@ def adaptation_curve(run: train.Run, reference_model, fit_pairs, held_out_pairs,
     row = registry.row(name)
     collate = pair_collate(run, device, registry.row)
     fit_items, held_items = tokenize(run, fit_pairs), tokenize(run, held_out_pairs)
-    online = online_reference(reference_model, run.args["loss"] == "ipo")
+    online = online_reference(reference_model, run.pdpo)
     fit_reference = cached_reference(online, fit_items, collate, 16)
     held_reference = cached_reference(online, held_items, collate, 16)
     curve = [{"fit_pairs": 0, **row_accuracy(run, user_model, 0, held_items, device, held_reference)}]
@@ -682,13 +766,13 @@ def adapt_user(run_dir, name: str, data_file, *, reference: str | None = None, s
     Saving rewrites user_model.safetensors, user_model.json and users.json; the LM is untouched.
     Returns the row, the losses' ends, and accuracy on those (training) pairs for e_0 and the new row.
     """
-    device = pick_device(device)
+    device = runs.pick_device(device)
     pairs = user_pairs(read_data(data_file), name, data_file)
     run = open_run(run_dir, torch.float32, device)
     reference_model = load_reference(run_dir, run, reference, torch.float32, device)
     user_model, registry = add_user(run.user_model, run.registry, name)
     row, collate, items = registry.row(name), pair_collate(run, device, registry.row), tokenize(run, pairs)
-    reference_fn = cached_reference(online_reference(reference_model, run.args["loss"] == "ipo"), items, collate, 16)
+    reference_fn = cached_reference(online_reference(reference_model, run.pdpo), items, collate)
     before = row_accuracy(run, user_model, 0, items, device, reference_fn)
     losses = fit_user_row(run, user_model, row, items, collate, reference_fn, steps=steps, lr=lr,
                           batch_size=batch_size, seed=seed, desc=None if quiet else f"fitting {name}")
@@ -703,7 +787,7 @@ def adapt_curve(run_dir, name: str, data_file=None, *, reference: str | None = N
     """`eval.py adapt --curve`: adaptation_curve on the user's pairs in `data_file` (the last quarter held
     out), or on a fresh toy user who prefers short answers. Saves nothing into the user model; writes
     adapt_curve.json (and adapt_curve.png) into the run."""
-    device = pick_device(device)
+    device = runs.pick_device(device)
     if data_file:
         pairs = user_pairs(read_data(data_file), name, data_file)
         n_held = max(1, len(pairs) // 4)
@@ -716,7 +800,7 @@ def adapt_curve(run_dir, name: str, data_file=None, *, reference: str | None = N
                               seed=seed, quiet=quiet)
     result = {"user": name, "data": str(data_file or "toy task, a new user who prefers short answers"),
               "steps": steps, "lr": lr, "held_out_pairs": len(held_pairs), "curve": points}
-    train.atomic_write_json(result, Path(run_dir) / "adapt_curve.json")
+    runs.atomic_write_json(result, Path(run_dir) / "adapt_curve.json")
     plot_curve(points, name, Path(run_dir) / "adapt_curve.png")
     return result
 
@@ -863,7 +947,7 @@ def run_adapt(args):
         print(f"wrote {Path(args.run) / 'adapt_curve.json'}")
         return
     if not args.user or not args.data:
-        train.fail("adapt needs --user NAME and --data FILE with their pairs (or --curve)")
+        runs.fail("adapt needs --user NAME and --data FILE with their pairs (or --curve)")
     r = adapt_user(args.run, args.user, args.data, batch_size=args.batch_size, **options)
     g, a = r["generic"], r["adapted"]
     print(f"user {args.user}: row {r['row']}, fitted on {r['pairs']} pairs in {r['steps']} steps "
@@ -883,14 +967,14 @@ def main(argv=None):
             run_adapt(adapt_parser().parse_args(argv[1:]))
         else:
             args = evaluate_parser().parse_args(argv)
-            runs = [args.run] + ([args.baseline] if args.baseline else [])
-            results = evaluate_runs(runs, args.data, out=args.out, reference=args.reference,
+            run_dirs = [args.run] + ([args.baseline] if args.baseline else [])
+            results = evaluate_runs(run_dirs, args.data, out=args.out, reference=args.reference,
                                     samples_per_user=args.samples_per_user, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
                                     seed=args.seed, device=args.device, dtype=args.dtype, quiet=args.quiet)
             print_summary(results, Path(args.out or args.run))
     except (data.DataError, ValueError, FileNotFoundError) as e:
-        train.fail(str(e))
+        runs.fail(str(e))
 
 
 if __name__ == "__main__":

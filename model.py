@@ -19,6 +19,7 @@ Reading order: config, norms, rotary, attention, MLP, block, transformer, loadin
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -121,6 +122,12 @@ class ModelConfig:
                     layer_norm_epsilon=self.norm_eps, activation_function="gelu_new",
                     n_positions=self.max_position_embeddings,
                     tie_word_embeddings=self.tie_word_embeddings, **ids)
+
+
+# A tiny LLaMA for the demo and the benchmarks on it (with a vocabulary of a few hundred tokens it has
+# about 0.1M parameters and trains in seconds on a laptop CPU). Untied: see train.demo.
+TINY_LLAMA = dict(family="llama", hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
+                  intermediate_size=128, tie_word_embeddings=False, max_position_embeddings=256)
 
 
 def read_config(path: str | os.PathLike) -> ModelConfig:
@@ -431,6 +438,18 @@ def hf_key_map(cfg: ModelConfig) -> dict[str, str]:
 IGNORED_HF_SUFFIXES = (".attn.bias", ".attn.masked_bias", "rotary_emb.inv_freq")
 
 
+@contextlib.contextmanager
+def readable_safetensors(file):
+    """Turn safetensors' own error for a truncated or corrupt file into one that names the file."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except SafetensorError as e:
+        raise ValueError(f"{file}: not a readable safetensors file ({e}); the file is truncated or corrupt: "
+                         f"copy or save the checkpoint again") from None
+
+
 def checkpoint_files(path: Path) -> dict[str, Path]:
     """HF tensor name -> the safetensors file holding it (single file or sharded index)."""
     from safetensors import safe_open
@@ -443,8 +462,9 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
     if not single.is_file():
         raise FileNotFoundError(f"{path}: no model.safetensors or model.safetensors.index.json "
                                 f"(pickle checkpoints like pytorch_model.bin are never loaded)")
-    with safe_open(single, framework="pt") as f:
-        return {name: single for name in f.keys()}
+    with readable_safetensors(single):
+        with safe_open(single, framework="pt") as f:
+            return {name: single for name in f.keys()}
 
 
 def load_pretrained(path, dtype=torch.float32, device="cpu") -> Transformer:
@@ -469,7 +489,7 @@ def load_pretrained(path, dtype=torch.float32, device="cpu") -> Transformer:
     unexpected = sorted(n for n in files if n not in mapping and not n.endswith(ignored))
     wrong_shape = []
     for file in sorted(set(files.values())):
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with readable_safetensors(file), safe_open(file, framework="pt", device="cpu") as f:
             for name in f.keys():
                 if name not in mapping:
                     continue

@@ -20,15 +20,21 @@ Equation -> function:
     reward model r_phi(x, y, u) at the last response token         RewardHead, personalized_rewards
     P-RM: -log sigmoid(r(x,y_w,u) - r(x,y_l,u)), mixed by alpha    prm_loss
     vanilla DPO = uniform model without embedding, alpha = 1       PDPOConfig.vanilla, VANILLA_DPO
+    one batch of eq. (pdpo), its generic-sampling estimator        pdpo_step (training, scoring, new users)
+    one batch of P-RM                                              prm_step
+
+The choices that change an equation live in PDPOConfig, once: the user model, T_u, alpha, beta, the
+family member (`loss`), cDPO's epsilon, IPO's per-token averaging (`average_logps`), whether the user's
+text is in the rows (`use_user_text`), generic sampling.
 
 Reading order: registry, user models (initialization, the three kinds, factory, saving), personalized
-log-probabilities (one batched forward), objectives (P-DPO, P-RM), the named configurations.
+log-probabilities (one batched forward), the configuration of an arm, objectives (P-DPO, P-RM).
 """
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterable
 
@@ -37,6 +43,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 USER_MODEL_KINDS = ("uniform", "individual", "cluster")
+USER_INFO_KINDS = ("implicit", "explicit", "both")
 LOSS_TYPES = ("dpo", "cdpo", "ipo")
 
 
@@ -151,8 +158,9 @@ class IndividualUserModel(nn.Module):
 
     add_generic_user=True (reference default): row i holds an offset o_i and e_i = e_0 + o_i, so e_0
     learns from everyone and o_i only what is particular to user i. add_generic_user=False: e_i = o_i.
-    Row 0 always gives e_0. Every row, offsets included, is initialized the same way (as the
-    reference code does), so at step 0 users already differ from e_0 and from each other.
+    Row 0 always gives e_0. The table starts as `initial` (zeros if None); make_user_model draws every
+    row, offsets included, the same way (as the reference code does), so at step 0 users already
+    differ from e_0 and from each other.
     """
 
     kind = "individual"
@@ -183,7 +191,8 @@ class ClusterUserModel(nn.Module):
     """Cluster-based preference: e_i = sum_k softmax(w_i)_k c_k.
 
     K cluster embeddings c_k (T_u x d each) and per-user logits w_i in R^K, row 0 for the generic user.
-    The logits start N(0, 1) (the reference code's nn.Embedding default).
+    They start as `initial` and `initial_logits` (zeros if None: every user then mixes the clusters
+    equally); make_user_model draws the logits N(0, 1) (the reference code's nn.Embedding default).
     """
 
     kind = "cluster"
@@ -301,8 +310,9 @@ def load_user_model(directory) -> tuple[nn.Module, UserRegistry]:
 def embed_with_user_prefix(model, input_ids: torch.Tensor, user_embeddings: torch.Tensor) -> torch.Tensor:
     """[BOS] [e_u] [user text] [prompt] [response]: the T_u user vectors go right after position 0.
 
-    input_ids (N, T) already hold any user text after BOS, so the text goes through the LM's own
-    token embedding. user_embeddings (N, T_u, d). Returns (N, T_u + T, d).
+    input_ids (N, T) are rows laid out by data.prefix_ids ([BOS] [user text] [prompt]) plus the
+    response, so any user text goes through the LM's own token embedding. user_embeddings (N, T_u, d).
+    Returns (N, T_u + T, d).
     """
     token_embeds = model.tok_embeddings(input_ids)  # (N, T, d)
     if user_embeddings.shape[1] == 0:
@@ -406,6 +416,90 @@ def reference_logps(model, batch: dict, average: bool = False) -> tuple[torch.Te
 
 
 # ----------------------------------------------------------------------------------------------
+# One arm of an experiment: the user model and the objective. train.py's TrainConfig extends it, so
+# each field is also a flag (--alpha, --n-user-tokens, ...) with one name, one default, one check.
+
+
+def option(default, help: str, **kw):
+    """A config field that is also a command-line flag: its default and the help argparse shows."""
+    return field(default=default, metadata=dict(help=help, **kw))
+
+
+@dataclass
+class PDPOConfig:
+    """The user model f_P and the P-DPO objective (PAPER.md symbols in the help texts)."""
+
+    user_model: str = option("individual", "user model f_P: uniform (vanilla), individual or cluster-based",
+                             choices=list(USER_MODEL_KINDS))
+    n_user_tokens: int = option(1, "T_u, soft tokens per user embedding (0 = none)")
+    n_clusters: int = option(5, "K, number of cluster embeddings (cluster model)")
+    add_generic_user: bool = option(True, "individual model: e_i = e_0 + o_i (else o_i)")
+    user_info: str = option("implicit", "implicit: learned e_u; explicit: the user's text only (T_u = 0, so "
+                            "needs --user-model uniform --alpha 1); both: [e_u] [user text]",
+                            choices=list(USER_INFO_KINDS))
+    user_init: str = option("vocab", "user embeddings start as random vocabulary rows, or uniform in [-r, r]",
+                            choices=["vocab", "uniform"])
+    user_init_range: float = option(0.5, "r of --user-init uniform")
+    alpha: float = option(0.5, "alpha, weight of the personalized term (1 - alpha: generic e_0)")
+    beta: float = option(0.5, "beta, strength of the KL tie to the reference model (IPO: tau)")
+    loss: str = option("dpo", "P-*PO family member: DPO, conservative DPO, IPO", choices=list(LOSS_TYPES))
+    label_smoothing: float = option(0.1, "epsilon of conservative DPO (--loss cdpo only)")
+    generic_sampling: bool = option(False, "each pair takes its personalized term with prob. alpha, else its "
+                                    "generic term: an unbiased estimate of eq. (pdpo) at vanilla-DPO cost")
+
+    def __post_init__(self):
+        if self.user_model not in USER_MODEL_KINDS:
+            raise ValueError(f"--user-model {self.user_model}: expected one of {', '.join(USER_MODEL_KINDS)}")
+        if self.user_info not in USER_INFO_KINDS:
+            raise ValueError(f"--user-info {self.user_info}: expected one of {', '.join(USER_INFO_KINDS)}")
+        if self.loss not in LOSS_TYPES:
+            raise ValueError(f"--loss {self.loss}: expected one of {', '.join(LOSS_TYPES)}")
+        if self.n_user_tokens < 0 or self.n_clusters < 1:
+            raise ValueError(f"--n-user-tokens {self.n_user_tokens} --n-clusters {self.n_clusters}: "
+                             f"T_u must be >= 0 and K >= 1")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"--alpha {self.alpha}: the weight of the personalized term must lie in [0, 1]")
+        if not (self.beta > 0 and math.isfinite(self.beta)):
+            raise ValueError(f"--beta {self.beta}: must be a positive number")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"--label-smoothing {self.label_smoothing}: must lie in [0, 0.5)")
+        if self.user_info == "explicit" and (self.user_model != "uniform" or self.alpha < 1):
+            # no implicit embedding: every user model is the empty one, and e_u = e_0 = nothing
+            raise ValueError(f"--user-info explicit has no learned user embedding (T_u = 0), so --user-model "
+                             f"{self.user_model} and --alpha {self.alpha} would change nothing (both terms of "
+                             f"eq. (pdpo) coincide): pass --user-model uniform --alpha 1, or --user-info both")
+
+    @classmethod
+    def vanilla(cls, **overrides) -> "PDPOConfig":
+        """Vanilla DPO: the uniform user model without embedding and alpha = 1 (PAPER.md)."""
+        return cls(**{**VANILLA_DPO, **overrides})
+
+    @property
+    def average_logps(self) -> bool:
+        """IPO scores the mean log-prob per response token (as TRL and the IPO authors); DPO/cDPO the sum."""
+        return self.loss == "ipo"
+
+    @property
+    def use_user_text(self) -> bool:
+        """Whether the policy's rows carry the user's text: [BOS] [e_u] [user text] [prompt] ..."""
+        return self.user_info != "implicit"
+
+    def personalized(self) -> "PDPOConfig":
+        """The personalized term alone (alpha = 1): how pairs are scored, and how a new user is fitted."""
+        return replace(self, alpha=1.0, generic_sampling=False)
+
+    def make_user_model(self, n_users: int, token_embedding: torch.Tensor | None, seed: int = 0) -> nn.Module:
+        """This arm's user model for n_users known users; explicit information alone has T_u = 0."""
+        n_tokens = 0 if self.user_info == "explicit" else self.n_user_tokens
+        return make_user_model(self.user_model, n_users, n_tokens, token_embedding.shape[1], n_clusters=self.n_clusters,
+                               add_generic_user=self.add_generic_user, init=self.user_init,
+                               init_range=self.user_init_range, token_embedding=token_embedding, seed=seed)
+
+
+VANILLA_DPO = dict(user_model="uniform", n_user_tokens=0, alpha=1.0)
+
+
+# ----------------------------------------------------------------------------------------------
 # P-DPO, eq. (pdpo), and the P-*PO family
 
 
@@ -420,13 +514,14 @@ def preference_loss(logits: torch.Tensor, *, beta: float, loss_type: str = "dpo"
       ipo:   (logits - 1 / (2 beta))^2                                    (IPO paper, eq. 17; beta is its tau)
     label_smoothing is read by "cdpo" only.
     """
-    if loss_type == "dpo":
-        return -F.logsigmoid(beta * logits)
-    if loss_type == "cdpo":
-        eps = label_smoothing
-        return -(1 - eps) * F.logsigmoid(beta * logits) - eps * F.logsigmoid(-beta * logits)
-    if loss_type == "ipo":
-        return (logits - 1 / (2 * beta)) ** 2
+    match loss_type:
+        case "dpo":
+            return -F.logsigmoid(beta * logits)
+        case "cdpo":
+            eps = label_smoothing
+            return -(1 - eps) * F.logsigmoid(beta * logits) - eps * F.logsigmoid(-beta * logits)
+        case "ipo":
+            return (logits - 1 / (2 * beta)) ** 2
     raise ValueError(f"loss_type={loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
 
 
@@ -496,6 +591,29 @@ def accuracy(chosen_rewards, rejected_rewards):
     return None if chosen_rewards is None else (chosen_rewards > rejected_rewards).float().detach()
 
 
+def pdpo_step(model, user_model, batch: dict, reference, cfg: PDPOConfig) -> dict:
+    """Eq. (pdpo) on one batch: policy log-probs (one forward), reference log-probs, then pdpo_loss.
+
+    reference(batch) -> (reference_chosen_logps, reference_rejected_logps), each (B,): a cache or a
+    no-grad pass. Training calls this with its config; scoring and new-user fitting with
+    cfg.personalized() (alpha = 1: each pair's own user). Returns pdpo_loss's dict.
+
+    Generic sampling, an estimator of eq. (pdpo) (cfg.generic_sampling, 0 < alpha < 1): each pair keeps
+    its personalized term with probability alpha, else takes its generic term (user row 0), so
+    E[loss] = alpha * l(e_u) + (1 - alpha) * l(e_0) from 2B rows instead of 4B.
+    """
+    alpha = cfg.alpha
+    if cfg.generic_sampling and 0 < alpha < 1:
+        keep = torch.rand(batch["user_rows"].shape) < alpha  # (B,)
+        batch = {**batch, "user_rows": batch["user_rows"] * keep.to(batch["user_rows"].device)}
+        alpha = 1.0
+    policy = policy_logps(model, user_model, batch, alpha, average=cfg.average_logps)
+    reference_chosen_logps, reference_rejected_logps = reference(batch)
+    return pdpo_loss(**policy, reference_chosen_logps=reference_chosen_logps,
+                     reference_rejected_logps=reference_rejected_logps, alpha=alpha, beta=cfg.beta,
+                     loss_type=cfg.loss, label_smoothing=cfg.label_smoothing)
+
+
 # ----------------------------------------------------------------------------------------------
 # Personalized reward model (P-RM)
 
@@ -536,7 +654,8 @@ def prm_loss(chosen_rewards, rejected_rewards, generic_chosen_rewards=None, gene
 
         L = -[ alpha * log sigmoid(r(x,y_w,u) - r(x,y_l,u)) + (1 - alpha) * log sigmoid(r(x,y_w,0) - r(x,y_l,0)) ]
 
-    Returns losses (B,), accuracies (r(x,y_w,u) > r(x,y_l,u)) and generic_accuracies (None if absent).
+    Returns losses (B,), accuracies (r(x,y_w,u) > r(x,y_l,u)), generic_accuracies (None if absent) and,
+    detached, the personalized chosen_rewards and rejected_rewards.
     """
     check_alpha_terms(alpha, chosen_rewards, generic_chosen_rewards, "rewards")
 
@@ -545,48 +664,12 @@ def prm_loss(chosen_rewards, rejected_rewards, generic_chosen_rewards=None, gene
 
     return {"losses": mix_terms(bradley_terry(chosen_rewards, rejected_rewards),
                                 bradley_terry(generic_chosen_rewards, generic_rejected_rewards), alpha),
+            "chosen_rewards": None if chosen_rewards is None else chosen_rewards.detach(),
+            "rejected_rewards": None if rejected_rewards is None else rejected_rewards.detach(),
             "accuracies": accuracy(chosen_rewards, rejected_rewards),
             "generic_accuracies": accuracy(generic_chosen_rewards, generic_rejected_rewards)}
 
 
-# ----------------------------------------------------------------------------------------------
-# Named configurations: every experiment compares P-DPO against vanilla DPO
-
-
-@dataclass
-class PDPOConfig:
-    """One arm of an experiment: the user model and the objective (PAPER.md symbols in comments)."""
-
-    user_model: str = "individual"  # uniform | individual | cluster
-    n_user_tokens: int = 1  # T_u (0: no implicit user embedding)
-    n_clusters: int = 5  # K, cluster model only
-    add_generic_user: bool = True  # individual: e_i = e_0 + o_i (else o_i)
-    alpha: float = 0.5  # weight of the personalized term
-    beta: float = 0.5  # strength of the KL regularization (IPO: tau)
-    loss_type: str = "dpo"  # dpo | cdpo | ipo
-    label_smoothing: float = 0.0  # cdpo's eps
-
-    def __post_init__(self):
-        if self.user_model not in USER_MODEL_KINDS:
-            raise ValueError(f"user_model={self.user_model!r}: expected one of {', '.join(USER_MODEL_KINDS)}")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"loss_type={self.loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
-        if not 0 <= self.alpha <= 1:
-            raise ValueError(f"alpha={self.alpha}: must lie in [0, 1]")
-        if not (self.beta > 0 and math.isfinite(self.beta)):
-            raise ValueError(f"beta={self.beta}: must be a positive number")
-        if not 0 <= self.label_smoothing < 0.5:
-            raise ValueError(f"label_smoothing={self.label_smoothing}: must lie in [0, 0.5)")
-
-    @classmethod
-    def vanilla(cls, **overrides) -> "PDPOConfig":
-        """Vanilla DPO: the uniform user model without embedding and alpha = 1 (PAPER.md)."""
-        return cls(**{**VANILLA_DPO, **overrides})
-
-    @property
-    def average_logps(self) -> bool:
-        """IPO scores the mean log-prob per response token (as TRL and the IPO authors); DPO/cDPO the sum."""
-        return self.loss_type == "ipo"
-
-
-VANILLA_DPO = dict(user_model="uniform", n_user_tokens=0, alpha=1.0)
+def prm_step(model, head: RewardHead, user_model, batch: dict, alpha: float) -> dict:
+    """P-RM on one batch: rewards of 2B or 4B rows in one forward, then prm_loss (alpha = 1 to score)."""
+    return prm_loss(**personalized_rewards(model, head, user_model, batch, alpha), alpha=alpha)

@@ -2,13 +2,17 @@
 
 Our own loop, written top to bottom (no trainer framework), as in nanoGPT's train.py:
 mixed precision (bf16 autocast, fp16 with loss scaling on CUDA), gradient checkpointing, gradient
-accumulation, AdamW, linear warm-up then cosine decay, gradient clipping, hand-written LoRA, atomic
-checkpoints with `--resume`, and a tqdm bar. The objectives themselves live in prlhf.py (PAPER.md
-"P-DPO objective", "Personalized reward model"); this file only feeds them batches.
+accumulation, AdamW, linear warm-up then cosine decay, gradient clipping, LoRA (runs.py), atomic
+checkpoints with `--resume`, and a tqdm bar. The objectives live in prlhf.py (PAPER.md "P-DPO
+objective", "Personalized reward model"), scoring and generation in eval.py, run directories in
+runs.py; this file feeds them batches.
 
     python train.py                      # the built-in demo: toy task, SFT, vanilla DPO vs P-DPO (CPU, minutes)
     python train.py --stage pdpo --model CKPT --data train.jsonl --valid valid.jsonl --out runs/x
     torchrun --nproc-per-node 8 train.py --parallel fsdp ...   # several GPUs: distributed.py, docs/multigpu.md
+
+Reading order: the configuration (flags), the learning rate, one micro-batch of each stage, the
+reference model and evaluation, setting a run up, the training loop, the demo, the command line.
 """
 from __future__ import annotations
 
@@ -19,90 +23,89 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
 
 import data
+import distributed
+import eval as evaluation
 import model as lm
 import prlhf
-
+import runs
+from prlhf import option
 
 # ----------------------------------------------------------------------------------------------
-# Configuration: one field per command-line flag
+# Configuration: one field per command-line flag. The user model and objective come from
+# prlhf.PDPOConfig (--user-model, --alpha, --beta, --loss, ...), checked before anything is loaded.
 
 
 @dataclass
-class TrainConfig:
-    stage: str = field(default="pdpo", metadata=dict(choices=["sft", "pdpo", "prm"],
-                       help="sft: next-token loss on responses; pdpo: P-DPO family; prm: personalized reward model"))
-    model: str = field(default="", metadata=dict(help="Hugging Face checkpoint directory, or a run directory of ours"))
-    data: str = field(default="", metadata=dict(help="training pairs, JSON Lines (see data.py)"))
-    valid: str = field(default="", metadata=dict(help="validation pairs, JSON Lines (optional)"))
-    out: str = field(default="", metadata=dict(help="run directory to write"))
-    # user model, PAPER.md "User model"
-    user_model: str = field(default="individual", metadata=dict(choices=["uniform", "individual", "cluster"],
-                            help="user model f_P: uniform (vanilla), individual or cluster-based"))
-    n_user_tokens: int = field(default=1, metadata=dict(help="T_u, soft tokens per user embedding (0 = none)"))
-    n_clusters: int = field(default=5, metadata=dict(help="K, number of cluster embeddings (cluster model)"))
-    add_generic_user: bool = field(default=True, metadata=dict(help="individual model: e_i = e_0 + o_i (else o_i)"))
-    user_info: str = field(default="implicit", metadata=dict(choices=["implicit", "explicit", "both"],
-                           help="implicit: learned e_u; explicit: the user's text; both: [e_u] [user text]"))
-    user_init: str = field(default="vocab", metadata=dict(choices=["vocab", "uniform"],
-                           help="user embeddings start as random vocabulary rows, or uniform in [-r, r]"))
-    user_init_range: float = field(default=0.5, metadata=dict(help="r of --user-init uniform"))
-    # objective, PAPER.md eq. (pdpo)
-    alpha: float = field(default=0.5, metadata=dict(help="alpha, weight of the personalized term (1 - alpha: generic e_0)"))
-    beta: float = field(default=0.5, metadata=dict(help="beta, strength of the KL tie to the reference model"))
-    loss: str = field(default="dpo", metadata=dict(choices=["dpo", "cdpo", "ipo"], help="P-*PO family member"))
-    label_smoothing: float = field(default=0.1, metadata=dict(help="epsilon of conservative DPO (--loss cdpo)"))
-    generic_sampling: bool = field(default=False, metadata=dict(
-        help="each pair takes its personalized term with prob. alpha, else its generic term: unbiased, vanilla-DPO cost"))
-    sft_on: str = field(default="chosen", metadata=dict(choices=["chosen", "both"],
-                        help="sft: learn the chosen responses, or chosen and rejected"))
+class TrainConfig(prlhf.PDPOConfig):
+    stage: str = option("pdpo", "sft: next-token loss on responses; pdpo: P-DPO family; prm: personalized reward model",
+                        choices=["sft", "pdpo", "prm"])
+    model: str = option("", "Hugging Face checkpoint directory, or a run directory of ours")
+    data: str = option("", "training pairs, JSON Lines (see data.py)")
+    valid: str = option("", "validation pairs, JSON Lines (optional)")
+    out: str = option("", "run directory to write")
+    sft_on: str = option("chosen", "sft: learn the chosen responses, or chosen and rejected", choices=["chosen", "both"])
     # optimisation
-    lr: float = field(default=5e-5, metadata=dict(help="peak learning rate"))
-    user_lr: float = field(default=0.0, metadata=dict(help="learning rate of the user model (0 = same as --lr)"))
-    weight_decay: float = field(default=0.0, metadata=dict(help="AdamW weight decay"))
-    warmup_steps: int = field(default=150, metadata=dict(help="linear warm-up steps, then cosine decay to 0"))
-    epochs: float = field(default=2.0, metadata=dict(help="passes over the training pairs"))
-    max_steps: int = field(default=0, metadata=dict(help="stop after this many optimizer steps (0 = by epochs)"))
-    batch_size: int = field(default=2, metadata=dict(help="pairs per micro-batch"))
-    grad_accum: int = field(default=8, metadata=dict(help="micro-batches per optimizer step"))
-    grad_clip: float = field(default=1.0, metadata=dict(help="clip the gradient norm to this (0 = off)"))
-    max_length: int = field(default=1024, metadata=dict(help="max tokens of [BOS] prompt response"))
-    max_prompt_length: int = field(default=512, metadata=dict(help="max tokens of user text + prompt"))
+    lr: float = option(5e-5, "peak learning rate")
+    user_lr: float = option(0.0, "learning rate of the user model (0 = same as --lr)")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    warmup_steps: int = option(150, "linear warm-up steps, then cosine decay to 0")
+    epochs: float = option(2.0, "passes over the training pairs")
+    max_steps: int = option(0, "stop after this many optimizer steps (0 = by epochs)")
+    batch_size: int = option(2, "pairs per micro-batch")
+    grad_accum: int = option(8, "micro-batches per optimizer step")
+    grad_clip: float = option(1.0, "clip the gradient norm to this (0 = off)")
+    max_length: int = option(1024, "max tokens of [BOS] prompt response")
+    max_prompt_length: int = option(512, "max tokens of user text + prompt")
     # LoRA (reference-code defaults); the user model is always trained in full
-    lora_r: int = field(default=0, metadata=dict(help="LoRA rank (0 = full fine-tuning)"))
-    lora_alpha: float = field(default=16.0, metadata=dict(help="LoRA alpha (scale alpha / r)"))
-    lora_dropout: float = field(default=0.05, metadata=dict(help="dropout on the LoRA input"))
-    lora_targets: str = field(default="wq,wk,wv,wo,w1,w2,w3,tok_embeddings",
-                              metadata=dict(help="modules that get adapters (our names, see model.py)"))
+    lora_r: int = option(0, "LoRA rank (0 = full fine-tuning)")
+    lora_alpha: float = option(16.0, "LoRA alpha (scale alpha / r)")
+    lora_dropout: float = option(0.05, "dropout on the LoRA input")
+    lora_targets: str = option("wq,wk,wv,wo,w1,w2,w3,tok_embeddings", "modules that get adapters (our names, see model.py)")
     # precision and memory
-    precision: str = field(default="fp32", metadata=dict(choices=["fp32", "bf16", "fp16"],
-                           help="fp32, bf16 autocast (CPU/CUDA), fp16 autocast with loss scaling (CUDA)"))
-    grad_checkpointing: bool = field(default=False, metadata=dict(help="recompute block activations in backward"))
-    precompute_reference: bool = field(default=True, metadata=dict(
-        help="compute reference log-probs once before training (no reference pass per step)"))
-    device: str = field(default="auto", metadata=dict(help="cpu, cuda, or auto"))
-    parallel: str = field(default="ddp", metadata=dict(choices=["ddp", "fsdp"], help=(
-        "under torchrun (distributed.py): ddp, a full replica per GPU; fsdp, weights, gradients and "
-        "AdamW state sharded per transformer block. A single process ignores it")))
+    precision: str = option("fp32", "fp32, bf16 autocast (CPU/CUDA), fp16 autocast with loss scaling (CUDA)",
+                            choices=["fp32", "bf16", "fp16"])
+    grad_checkpointing: bool = option(False, "recompute block activations in backward")
+    precompute_reference: bool = option(True, "compute reference log-probs once before training (no reference pass per step)")
+    device: str = option("auto", "cpu, cuda, or auto")
+    parallel: str = option("ddp", "under torchrun (distributed.py): ddp, a full replica per GPU; fsdp, weights, "
+                           "gradients and AdamW state sharded per transformer block. A single process ignores it",
+                           choices=list(distributed.PARALLEL))
     # bookkeeping
-    seed: int = field(default=0, metadata=dict(help="seed for data order, initialisation and dropout"))
-    eval_every: int = field(default=0, metadata=dict(help="evaluate on --valid every N steps (0 = at the end only)"))
-    save_every: int = field(default=0, metadata=dict(help="write a checkpoint every N steps (0 = at the end only)"))
-    log_every: int = field(default=1, metadata=dict(help="write metrics.jsonl every N steps"))
-    resume: bool = field(default=False, metadata=dict(help="continue the run in --out from its checkpoint"))
-    merge: bool = field(default=False, metadata=dict(help="also write merged/: a Hugging Face checkpoint"))
-    quiet: bool = field(default=False, metadata=dict(help="no progress bar"))
+    seed: int = option(0, "seed for data order, initialisation and dropout")
+    eval_every: int = option(0, "evaluate on --valid every N steps (0 = at the end only)")
+    save_every: int = option(0, "write a checkpoint every N steps (0 = at the end only)")
+    log_every: int = option(1, "write metrics.jsonl every N steps")
+    resume: bool = option(False, "continue the run in --out from its checkpoint")
+    merge: bool = option(False, "also write merged/: a Hugging Face checkpoint")
+    quiet: bool = option(False, "no progress bar")
+    example: str = option("none", "run a built-in example end to end instead (toy: the demo, also what "
+                          "`python train.py` alone runs; with --seed, --out, --quiet)", choices=["none", "toy"])
+
+    def __post_init__(self):
+        super().__post_init__()
+        for name, choices in (("stage", ("sft", "pdpo", "prm")), ("precision", ("fp32", "bf16", "fp16")),
+                              ("sft_on", ("chosen", "both")), ("parallel", distributed.PARALLEL)):
+            if getattr(self, name) not in choices:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected one of {', '.join(choices)}")
+        for name in ("batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
+        if not (self.lr > 0 and self.epochs > 0 and self.lora_r >= 0 and self.max_steps >= 0):
+            raise ValueError(f"--lr {self.lr} --epochs {self.epochs} --lora-r {self.lora_r} --max-steps "
+                             f"{self.max_steps}: the first two must be > 0, the last two >= 0")
+        if self.max_prompt_length >= self.max_length - 1:
+            raise ValueError(f"--max-prompt-length {self.max_prompt_length} must be below --max-length - 1 "
+                             f"({self.max_length - 1}), or no response token would fit")
 
 
 def parse_args(argv=None) -> TrainConfig:
@@ -111,116 +114,20 @@ def parse_args(argv=None) -> TrainConfig:
         pass  # the docstring as written, and each flag's default
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    objective = {f.name for f in dataclasses.fields(prlhf.PDPOConfig)}
+    groups = {False: p.add_argument_group("run, data, optimisation, precision"),
+              True: p.add_argument_group("user model and objective (prlhf.PDPOConfig, PAPER.md)")}
     for f in dataclasses.fields(TrainConfig):
         flag, meta = "--" + f.name.replace("_", "-"), dict(f.metadata)
-        if f.type == "bool" or isinstance(f.default, bool):
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
+        group = groups[f.name in objective]
+        if isinstance(f.default, bool):
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
         else:
-            p.add_argument(flag, type=type(f.default), default=f.default, **meta)
-    return TrainConfig(**vars(p.parse_args(argv)))
-
-
-# ----------------------------------------------------------------------------------------------
-# LoRA: W x + (alpha / r) * B A dropout(x), with A random and B zero so training starts at W
-
-
-class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
-        super().__init__()
-        self.base, self.scale, self.enabled = base, alpha / r, True
-        self.dropout = nn.Dropout(dropout)
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
-        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
-
-    @property
-    def weight(self):
-        return self.base.weight
-
-    def delta_weight(self):
-        return self.scale * self.lora_B @ self.lora_A  # (out, in)
-
-    def forward(self, x):
-        y = self.base(x)
-        if not self.enabled:
-            return y
-        return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
-
-
-class LoRAEmbedding(nn.Module):
-    """Token embedding + (alpha / r) * (B A)^T rows: A (r, vocab) starts at zero, B (d, r) random."""
-
-    def __init__(self, base: nn.Embedding, r: int, alpha: float):
-        super().__init__()
-        self.base, self.scale, self.enabled = base, alpha / r, True
-        self.lora_A = nn.Parameter(torch.zeros(r, base.num_embeddings, device=base.weight.device))
-        self.lora_B = nn.Parameter(torch.randn(base.embedding_dim, r, device=base.weight.device) / r)
-
-    @property
-    def weight(self):
-        return self.base.weight
-
-    def delta_weight(self):
-        return (self.scale * self.lora_B @ self.lora_A).T  # (vocab, d)
-
-    def forward(self, ids):
-        y = self.base(ids)
-        if not self.enabled:
-            return y
-        return y + self.scale * (F.embedding(ids, self.lora_A.T) @ self.lora_B.T).to(y.dtype)
-
-
-def add_lora(model: lm.Transformer, r: int, alpha: float, dropout: float, targets: list[str]) -> list[str]:
-    """Freeze the model and wrap every module whose last name is in `targets`; return the wrapped names."""
-    model.requires_grad_(False)
-    if model.config.tie_word_embeddings:
-        # the embedding is also the output head: an adapter on it could not be merged into one tensor
-        targets = [t for t in targets if t != "tok_embeddings"]
-    wrapped = []
-    for name, module in list(model.named_modules()):
-        if name.split(".")[-1] not in targets:
-            continue
-        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        if isinstance(module, nn.Linear):
-            new = LoRALinear(module, r, alpha, dropout)
-        elif isinstance(module, nn.Embedding):
-            new = LoRAEmbedding(module, r, alpha)
-        else:
-            continue
-        setattr(parent, name.split(".")[-1], new)
-        wrapped.append(name)
-    if not wrapped:
-        raise ValueError(f"--lora-targets {','.join(targets)}: no such modules (see model.py for names)")
-    return wrapped
-
-
-def lora_modules(model):
-    return [m for m in model.modules() if isinstance(m, (LoRALinear, LoRAEmbedding))]
-
-
-@contextlib.contextmanager
-def lora_disabled(model):
-    """The base model, adapters off: LoRA's reference model costs no second copy of the weights."""
-    mods = lora_modules(model)
-    for m in mods:
-        m.enabled = False
+            group.add_argument(flag, type=type(f.default), default=f.default, **meta)
     try:
-        yield model
-    finally:
-        for m in mods:
-            m.enabled = True
-
-
-@torch.no_grad()
-def merge_lora(model: lm.Transformer) -> lm.Transformer:
-    """Fold each adapter into its base weight (W += scale * B A) and unwrap: a plain model again."""
-    for name, module in list(model.named_modules()):
-        if isinstance(module, (LoRALinear, LoRAEmbedding)):
-            module.base.weight += module.delta_weight().to(module.base.weight.dtype)
-            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-            setattr(parent, name.split(".")[-1], module.base)
-    model.tie_weights()
-    return model
+        return TrainConfig(**vars(p.parse_args(argv)))
+    except ValueError as e:
+        runs.fail(str(e))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,168 +139,6 @@ def get_lr(step: int, total_steps: int, warmup_steps: int, peak: float) -> float
         return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-# ----------------------------------------------------------------------------------------------
-# Run directories: what a trained model is made of, saved without pickle
-
-
-def atomic_save_tensors(tensors: dict, file: Path, metadata: dict | None = None):
-    from safetensors.torch import save_file
-
-    tmp = file.with_name(file.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    os.replace(tmp, file)
-
-
-def atomic_write_json(obj, file: Path):
-    tmp = file.with_name(file.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, file)
-
-
-def is_run_dir(path) -> bool:
-    return (Path(path) / "args.json").is_file()
-
-
-def load_base(path, dtype, device) -> lm.Transformer:
-    """An HF checkpoint, or a run of ours: full runs hold an HF checkpoint; LoRA runs name their base."""
-    path = Path(path)
-    if is_run_dir(path) and (path / "adapter.safetensors").is_file():
-        args = json.loads((path / "args.json").read_text())
-        model = load_base(args["model"], dtype, device)
-        add_lora(model, args["lora_r"], args["lora_alpha"], 0.0, args["lora_targets"].split(","))
-        load_tensors_into(model, path / "adapter.safetensors")
-        return merge_lora(model)
-    return lm.load_pretrained(path, dtype=dtype, device=device)
-
-
-def load_tensors_into(module: nn.Module, file: Path, prefix: str = ""):
-    from safetensors.torch import load_file
-
-    params = dict(module.named_parameters())
-    tensors = load_file(str(file))
-    missing = [k for k in tensors if k.startswith(prefix) and k[len(prefix):] not in params]
-    if missing:
-        raise ValueError(f"{file}: tensors {missing[:5]} do not belong to this model")
-    with torch.no_grad():
-        for k, v in tensors.items():
-            if k.startswith(prefix):
-                params[k[len(prefix):]].copy_(v)
-
-
-@dataclass
-class Run:
-    """Everything a trained run is: the LM, its user model and registry, a reward head, the tokenizer."""
-    model: lm.Transformer
-    user_model: nn.Module | None
-    registry: "prlhf.UserRegistry | None"
-    tokenizer: "data.Tokenizer"
-    args: dict
-    reward_head: nn.Module | None = None
-
-
-def load_run(path, dtype=torch.float32, device="cpu") -> Run:
-    """Open a run directory written by train.py (eval.py uses this)."""
-    path = Path(path)
-    if not is_run_dir(path):
-        raise FileNotFoundError(f"{path}: not a run directory (no args.json); train one with train.py --out")
-    args = json.loads((path / "args.json").read_text())
-    model = load_base(path, dtype, device)
-    user_model = registry = head = None
-    if (path / "user_model.json").is_file():
-        user_model, registry = prlhf.load_user_model(path)
-        user_model.to(device)
-    if (path / "reward_head.safetensors").is_file():
-        head = prlhf.RewardHead(model.config.hidden_size).to(device)
-        load_tensors_into(head, path / "reward_head.safetensors")
-    return Run(model.eval(), user_model, registry, data.load_tokenizer(path), args, head)
-
-
-def save_run(out: Path, cfg: TrainConfig, model, user_model, registry, reward_head, tokenizer):
-    """Final weights: LoRA adapters (the base is named in args.json) or a full HF checkpoint."""
-    if lora_modules(model):
-        adapters = {k: v for k, v in model.state_dict().items() if "lora_" in k}
-        atomic_save_tensors(adapters, out / "adapter.safetensors")
-        if cfg.merge:
-            merged = merge_lora(copy.deepcopy(model))
-            lm.save_pretrained(merged, out / "merged")
-            tokenizer.save(out / "merged")
-    else:
-        lm.save_pretrained(model, out)
-        if cfg.merge:  # a full run is already a Hugging Face checkpoint; merged/ is a copy for symmetry
-            lm.save_pretrained(model, out / "merged")
-            tokenizer.save(out / "merged")
-    if user_model is not None:
-        prlhf.save_user_model(out, user_model, registry)
-    if reward_head is not None:
-        atomic_save_tensors(reward_head.state_dict(), out / "reward_head.safetensors")
-    tokenizer.save(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# Checkpoints for --resume: trainable tensors, AdamW state, RNG, data position. Written to a fresh
-# directory, then swapped in with renames, so a crash never leaves a half-written checkpoint.
-
-
-def rng_state() -> dict:
-    rng = {"rng.cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["rng.cuda"] = torch.cuda.get_rng_state()
-    return rng
-
-
-def save_checkpoint(out: Path, trainables: dict, opt: dict, scaler, state: dict, rng: dict):
-    """trainables: name -> full tensor; opt: optimizer.state_dict(), or the same gathered from FSDP shards."""
-    new, cur, old = out / "checkpoint.new", out / "checkpoint", out / "checkpoint.old"
-    shutil.rmtree(new, ignore_errors=True)
-    new.mkdir(parents=True)
-    atomic_save_tensors(trainables, new / "trainable.safetensors")
-    opt_tensors = {f"{i}.{k}": v for i, st in opt["state"].items() for k, v in st.items()}
-    opt_tensors.update(rng)
-    atomic_save_tensors(opt_tensors, new / "optimizer.safetensors")
-    atomic_write_json({**state, "param_groups": opt["param_groups"],
-                       "scaler": scaler.state_dict() if scaler is not None else None}, new / "state.json")
-    if cur.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(cur, old)
-    os.replace(new, cur)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(out: Path, trainables: dict, optimizer, scaler, dist=None) -> dict:
-    from safetensors.torch import load_file
-
-    ckpt = out / "checkpoint"
-    if not (ckpt / "state.json").is_file():
-        ckpt = out / "checkpoint.old"  # a crash between the two renames leaves the previous one here
-    if not (ckpt / "state.json").is_file():
-        raise FileNotFoundError(f"{out}: --resume but no checkpoint/ to resume from")
-    saved = load_file(str(ckpt / "trainable.safetensors"))
-    if set(saved) != set(trainables):
-        raise ValueError(f"{ckpt}: checkpoint tensors do not match this configuration "
-                         f"(run with the same arguments as args.json)")
-    state = json.loads((ckpt / "state.json").read_text())
-    tensors = load_file(str(ckpt / "optimizer.safetensors"))
-    torch.set_rng_state(tensors.pop("rng.cpu"))
-    cuda_rng = tensors.pop("rng.cuda", None)
-    if cuda_rng is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(cuda_rng)
-    opt_state = {}
-    for key, v in tensors.items():
-        i, k = key.split(".", 1)
-        opt_state.setdefault(int(i), {})[k] = v
-    opt = {"state": opt_state, "param_groups": state.pop("param_groups")}
-    if dist is not None and dist.sharded:  # FSDP: each rank keeps its shard of the full tensors
-        dist.load_full_state(trainables, optimizer, saved, opt)
-    else:
-        with torch.no_grad():
-            for k, p in trainables.items():
-                p.copy_(saved[k])
-        optimizer.load_state_dict(opt)
-    if scaler is not None and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
-    return state
 
 
 # ----------------------------------------------------------------------------------------------
@@ -413,7 +158,7 @@ def sft_loss(model, batch):
     logits = model(ids)[:, :-1]  # (B, T-1, V): position t predicts token t+1
     targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
-    return loss, {"tokens": int(mask.sum())}
+    return loss, {}
 
 
 def mean_over(cfg, batch) -> int:
@@ -424,172 +169,142 @@ def mean_over(cfg, batch) -> int:
 
 
 def pdpo_batch_loss(cfg, model, user_model, batch, reference):
-    """P-DPO for one batch: one policy forward, reference log-probs from the cache or a no-grad pass."""
-    average = cfg.loss == "ipo"
-    alpha = cfg.alpha
-    if cfg.generic_sampling and 0 < cfg.alpha < 1:
-        # each pair keeps its personalized term with prob. alpha, else its generic term (user row 0);
-        # E[loss] = alpha * personalized + (1 - alpha) * generic = eq. (pdpo), at vanilla-DPO cost
-        keep = torch.rand(batch["user_rows"].shape, generator=None) < cfg.alpha
-        batch = {**batch, "user_rows": batch["user_rows"] * keep.to(batch["user_rows"].device)}
-        alpha = 1.0
-    policy = prlhf.policy_logps(model, user_model, batch, alpha, average=average)
-    ref_chosen, ref_rejected = reference(batch)
-    out = prlhf.pdpo_loss(policy["policy_chosen_logps"], policy["policy_rejected_logps"], ref_chosen, ref_rejected,
-                          policy.get("generic_chosen_logps"), policy.get("generic_rejected_logps"),
-                          alpha=alpha, beta=cfg.beta, loss_type=cfg.loss, label_smoothing=cfg.label_smoothing)
-    term = "" if alpha > 0 else "generic_"  # alpha = 0 trains e_0 alone: report its term
+    """P-DPO for one batch (prlhf.pdpo_step): its mean loss, accuracy and reward margin."""
+    out = prlhf.pdpo_step(model, user_model, batch, reference, cfg)
+    term = "" if out["accuracies"] is not None else "generic_"  # alpha = 0 trains e_0 alone: report its term
     margin = (out[f"{term}chosen_rewards"] - out[f"{term}rejected_rewards"]).mean()
     return out["losses"].mean(), {"accuracy": out[f"{term}accuracies"].mean().item(), "margin": margin.item()}
 
 
 def prm_batch_loss(cfg, model, user_model, head, batch):
-    r = prlhf.personalized_rewards(model, head, user_model, batch, cfg.alpha)
-    out = prlhf.prm_loss(r["chosen_rewards"], r["rejected_rewards"], r.get("generic_chosen_rewards"),
-                         r.get("generic_rejected_rewards"), alpha=cfg.alpha)
+    out = prlhf.prm_step(model, head, user_model, batch, cfg.alpha)
     accuracies = out["accuracies"] if cfg.alpha > 0 else out["generic_accuracies"]
     return out["losses"].mean(), {"accuracy": accuracies.float().mean().item()}
 
 
 # ----------------------------------------------------------------------------------------------
-# Evaluation: per-pair correctness of the implicit personalized reward (or the reward head)
+# The reference model pi_ref, and evaluation on --valid
 
 
-@torch.no_grad()
-def score_pairs(model, user_model, items, collate, *, beta=0.5, reference=None, head=None,
-                batch_size=16, autocast=contextlib.nullcontext(), desc=None, average=False,
-                wrapper=None) -> list[dict]:
-    """One record per pair: user, group, reward margin r(x, y_w, u) - r(x, y_l, u), correct (margin > 0).
+def make_reference(cfg, model, train_items, valid_items, collate, autocast, dist):
+    """reference(batch) -> (reference_chosen_logps, reference_rejected_logps).
 
-    Unknown users get the generic row 0 through the registry. `reference(batch)` gives reference
-    log-probs for the DPO reward; with `head` the reward model's head scores the pair instead.
-    `wrapper`: the DDP/FSDP root (distributed.py), through whose forward the scoring must run.
+    The reference is the starting model without user embedding (PAPER.md). With LoRA it is the same
+    weights with adapters off; for full fine-tuning, log-probs are computed once before training
+    (policy == reference at step 0), or a frozen copy is kept when --no-precompute-reference.
     """
-    def margins(batch):
-        if head is not None:
-            r = prlhf.personalized_rewards(model, head, user_model, batch, 1.0)
-            return r["chosen_rewards"] - r["rejected_rewards"]
-        p = prlhf.policy_logps(model, user_model, batch, 1.0, average=average)
-        ref_c, ref_r = reference(batch)
-        return beta * ((p["policy_chosen_logps"] - ref_c) - (p["policy_rejected_logps"] - ref_r))
+    if runs.lora_modules(model):
+        reference_model = lambda: runs.lora_disabled(model)  # noqa: E731
+    elif cfg.precompute_reference:  # used only below, before the first step changes the model
+        reference_model = lambda: contextlib.nullcontext(model)  # noqa: E731
+    else:
+        frozen = copy.deepcopy(model).requires_grad_(False)
+        reference_model = lambda: contextlib.nullcontext(frozen)  # noqa: E731
 
-    was_training = model.training
-    model.eval()
-    records = []
-    batches = data.make_batches(items, batch_size, shuffle=False, seed=0, epoch=0)
-    for idx in tqdm(batches, desc=desc, disable=desc is None, leave=False):
-        batch = collate([items[i] for i in idx])
-        with autocast:
-            margin = margins(batch) if wrapper is None else wrapper(margins, batch)
-        for j, m in enumerate(margin.float().tolist()):
-            records.append({"user": batch["users"][j], "group": batch["groups"][j], "margin": m, "correct": m > 0})
-    model.train(was_training)
-    return records
+    def online(batch):
+        with torch.no_grad(), reference_model() as ref:
+            was = ref.training
+            ref.eval()
+            logps = prlhf.reference_logps(ref, batch, average=cfg.average_logps)
+            ref.train(was)
+            return logps
+
+    if not cfg.precompute_reference:
+        return online
+    return evaluation.reference_cache(online, {"train": train_items, "valid": valid_items}, collate,
+                                      batch_size=max(cfg.batch_size, 8), autocast=autocast, dist=dist, quiet=cfg.quiet)
 
 
-def summarize(records: list[dict], key: str) -> dict:
-    """Accuracy and mean margin per value of `key` ("user" or "group")."""
-    out = {}
-    for r in records:
-        g = out.setdefault(str(r[key]), {"pairs": 0, "correct": 0, "margin": 0.0})
-        g["pairs"] += 1
-        g["correct"] += r["correct"]
-        g["margin"] += r["margin"]
-    return {k: {"accuracy": v["correct"] / v["pairs"], "mean_margin": v["margin"] / v["pairs"], "pairs": v["pairs"]}
-            for k, v in sorted(out.items())}
+PADDING = "<padding>"  # group of the copies that give every rank as many pairs to evaluate
+
+
+def evaluate(t: Training) -> dict:
+    """Per-user and per-group accuracy of the implicit reward (or the reward head) on --valid."""
+    def valid_collate(items):
+        return {**t.collate(items), "split": "valid"}
+
+    # a share per rank, padded to as many on every rank with marked copies (one process: all of them)
+    items = t.dist.shard(t.valid_items, pad=dataclasses.replace(t.valid_items[0], group=PADDING))
+    records = evaluation.score_pairs(t.model, t.user_model, items, valid_collate, t.cfg, reference=t.reference,
+                                     head=t.head, autocast=t.autocast, dist=t.dist,
+                                     desc=None if t.cfg.quiet else "evaluating")
+    records = [r for r in t.dist.gather(records) if r["group"] != PADDING]
+    return {"groups": evaluation.summarize(records, "group"), "users": evaluation.summarize(records, "user")}
 
 
 # ----------------------------------------------------------------------------------------------
-# The training loop
+# Setting a run up: data first, then models, optimizer, and where a resumed run left off
 
 
-def pick_device(cfg: TrainConfig) -> str:
-    if cfg.device != "auto":
-        return cfg.device
-    return "cuda" if torch.cuda.is_available() else "cpu"
+@dataclass
+class Training:
+    """What the training loop works with, built by `setup`."""
+    cfg: TrainConfig
+    dist: distributed.Distributed | distributed.SingleProcess
+    out: Path
+    tokenizer: data.Tokenizer
+    train_items: list
+    valid_items: list
+    model: lm.Transformer
+    user_model: torch.nn.Module | None
+    registry: prlhf.UserRegistry | None
+    head: torch.nn.Module | None
+    collate: object
+    autocast: object
+    reference: object
+    trainables: dict
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    total_steps: int
+    global_batch: int
+    state: dict
+    timing: dict
+
+    def batch_loss(self, batch):
+        """The stage's mean loss over one micro-batch, and its metrics."""
+        if self.cfg.stage == "sft":
+            return sft_loss(self.model, batch)
+        if self.cfg.stage == "pdpo":
+            return pdpo_batch_loss(self.cfg, self.model, self.user_model, batch, self.reference)
+        return prm_batch_loss(self.cfg, self.model, self.user_model, self.head, batch)
 
 
-def fail(msg: str):
-    print(f"error: {msg}", file=sys.stderr)
-    sys.exit(2)
+def check_inputs(cfg: TrainConfig, dist):
+    """Flags that cannot work together, and files that are not there: before any model is loaded."""
+    if cfg.precision == "fp16" and not dist.device.startswith("cuda"):
+        raise ValueError("--precision fp16 needs CUDA (loss scaling); use bf16 on CPU")
+    if dist.sharded and cfg.precision == "fp16":
+        raise ValueError("--parallel fsdp: use --precision bf16 (no loss scale to agree on across shards)")
+    if dist.sharded and not cfg.lora_r and not cfg.precompute_reference:
+        raise ValueError("--parallel fsdp with full fine-tuning needs --precompute-reference "
+                         "(a frozen full copy of the model on every GPU would undo the sharding)")
+    for flag in ("data", "valid"):
+        path = getattr(cfg, flag)
+        if path and not Path(path).is_file():
+            raise FileNotFoundError(f"--{flag} {path}: no such file")
+    if cfg.resume and not (Path(cfg.out) / "args.json").is_file():
+        raise FileNotFoundError(f"{cfg.out}: --resume but no args.json there")
 
 
-def train(cfg: TrainConfig) -> dict:
-    """Run one stage; return the final evaluation summary (empty without --valid)."""
-    device = pick_device(cfg)
-    out = Path(cfg.out)
-    dist = None
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # started by torchrun: one process per GPU
-        import distributed
-
-        dist = distributed.setup(device, cfg.parallel)
-        device = dist.device
-    rank0 = dist is None or dist.rank == 0  # the process that writes files and shows progress
-    if cfg.precision == "fp16" and not device.startswith("cuda"):
-        fail("--precision fp16 needs CUDA (loss scaling); use bf16 on CPU")
-    if dist is not None and dist.sharded and cfg.precision == "fp16":
-        fail("--parallel fsdp: use --precision bf16 (no loss scale to agree on across shards)")
-    if dist is not None and dist.sharded and not cfg.lora_r and not cfg.precompute_reference:
-        fail("--parallel fsdp with full fine-tuning needs --precompute-reference "
-             "(a frozen full copy of the model on every GPU would undo the sharding)")
-    # 1. data first: a bad file fails in seconds, before a 7B model is loaded
-    train_pairs = data.read_pairs(cfg.data)
-    valid_pairs = data.read_pairs(cfg.valid) if cfg.valid else []
-    if cfg.resume and not (out / "args.json").is_file():
-        fail(f"{out}: --resume but no args.json there")
-    out.mkdir(parents=True, exist_ok=True)
-    # the starting model by absolute path: eval.py and LoRA runs find their base from anywhere
-    if rank0:
-        atomic_write_json({**dataclasses.asdict(cfg), "model": str(Path(cfg.model).resolve())}, out / "args.json")
-    else:  # one progress bar and log, from rank 0
-        cfg = dataclasses.replace(cfg, quiet=True)
-    torch.manual_seed(cfg.seed)
-
-    # 2. tokenizer and data
-    tokenizer = data.load_tokenizer(cfg.model)
-    train_items, stats = data.tokenize_pairs(train_pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
-    valid_items, vstats = data.tokenize_pairs(valid_pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
-    log = (lambda s: None) if cfg.quiet else (lambda s: tqdm.write(s))
-    log(f"train: {data.format_stats(stats)}" + (f" | valid: {data.format_stats(vstats)}" if valid_pairs else ""))
-    if cfg.stage == "sft":
-        train_items = sft_examples(train_items, cfg.sft_on)
-        valid_items = sft_examples(valid_items, "chosen")
-
-    # 3. models: LM (full or LoRA), user model, reward head
+def load_models(cfg: TrainConfig, train_pairs, device: str):
+    """The LM (full, or frozen with LoRA adapters), the user model f_P and registry, a reward head."""
     lora = cfg.lora_r > 0
     base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32) if lora else torch.float32
-    # FSDP: the full model stays on the CPU; fully_shard moves each block's shard to the GPU
-    model_device = "cpu" if dist is not None and dist.sharded else device
-    model = load_base(cfg.model, base_dtype, model_device)
+    model = runs.load_base(cfg.model, base_dtype, device)
     if lora:
-        add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","))
+        runs.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","))
     model.set_grad_checkpointing(cfg.grad_checkpointing)
     user_model = registry = head = None
     if cfg.stage != "sft":
         registry = prlhf.UserRegistry.from_users(p.user for p in train_pairs)
-        n_tokens = cfg.n_user_tokens if cfg.user_info != "explicit" else 0
-        user_model = prlhf.make_user_model(
-            cfg.user_model, len(registry) - 1, n_tokens, model.config.hidden_size, n_clusters=cfg.n_clusters,
-            add_generic_user=cfg.add_generic_user, init=cfg.user_init, init_range=cfg.user_init_range,
-            token_embedding=model.tok_embeddings.weight, seed=cfg.seed).to(model_device)
+        user_model = cfg.make_user_model(len(registry) - 1, model.tok_embeddings.weight, seed=cfg.seed).to(device)
     if cfg.stage == "prm":
-        head = prlhf.RewardHead(model.config.hidden_size).to(model_device)
-    use_text = cfg.user_info != "implicit"
+        head = prlhf.RewardHead(model.config.hidden_size).to(device)
+    return model, user_model, registry, head
 
-    def collate(items):
-        if cfg.stage == "sft":
-            b = data.collate_sft(items, tokenizer)
-        else:
-            b = data.collate_pairs(items, tokenizer, registry.row, use_user_text=use_text)
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
-    if dist is not None:  # DDP or FSDP2 around the LM, user model and head: forwards go through dist.wrapped
-        dist.wrap(model, user_model, head)
-    autocast = autocast_ctx(cfg, device)
-    reference = make_reference(cfg, model, train_items, valid_items, collate, autocast, out, dist) \
-        if cfg.stage == "pdpo" else None
-
-    # 4. optimizer: the user model may learn at its own rate
+def make_optimizer(cfg: TrainConfig, model, user_model, head, device: str):
+    """AdamW over every trainable tensor, by checkpoint name; the user model may learn at its own rate."""
     trainables = {f"model.{k}": p for k, p in model.named_parameters() if p.requires_grad}
     groups = [{"params": list(trainables.values()), "lr": cfg.lr}]
     for prefix, module, lr in (("user", user_model, cfg.user_lr or cfg.lr), ("head", head, cfg.lr)):
@@ -601,121 +316,7 @@ def train(cfg: TrainConfig) -> dict:
         g["peak_lr"] = g["lr"]
     optimizer = torch.optim.AdamW(groups, weight_decay=cfg.weight_decay, betas=(0.9, 0.999),
                                   fused=device.startswith("cuda") or None)
-    scaler = torch.amp.GradScaler("cuda") if cfg.precision == "fp16" else None
-
-    global_batch = cfg.batch_size * (dist.world_size if dist else 1)  # items per micro-batch, all ranks
-    steps_per_epoch = max(1, math.ceil(len(train_items) / global_batch) // cfg.grad_accum)
-    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    state = {"step": 0, "epoch": 0, "batch": 0}
-    if cfg.resume:
-        state = load_checkpoint(out, trainables, optimizer, scaler, dist)
-        log(f"resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
-    elif rank0 and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
-
-    def checkpoint(at=None):  # at: (state, rng) of the last step boundary
-        st, rng = at or (state, rng_state())
-        if dist is not None and dist.sharded:  # every rank sends its shards, rank 0 gets full tensors
-            tensors, opt = dist.full_state(trainables, optimizer)
-        else:
-            tensors, opt = trainables, optimizer.state_dict()
-        if rank0:
-            save_checkpoint(out, tensors, opt, scaler, dict(st), rng)
-
-    def batch_loss(batch):  # the stage's mean loss over one micro-batch, and its metrics
-        if cfg.stage == "sft":
-            return sft_loss(model, batch)
-        if cfg.stage == "pdpo":
-            return pdpo_batch_loss(cfg, model, user_model, batch, reference)
-        return prm_batch_loss(cfg, model, user_model, head, batch)
-
-    model.train()
-    if user_model is not None:
-        user_model.train()
-    bar = tqdm(total=total_steps, initial=state["step"], disable=cfg.quiet, desc=f"{cfg.stage} {out.name}",
-               dynamic_ncols=True)
-    metrics_file = open(out / "metrics.jsonl" if rank0 else os.devnull, "a")
-    batches = data.make_batches(train_items, global_batch, shuffle=True, seed=cfg.seed, epoch=state["epoch"])
-    boundary = None
-    try:
-        while state["step"] < total_steps:
-            # weights change only at optimizer.step(): an interruption before it resumes from here
-            boundary = (dict(state), rng_state())
-            t0, tokens, logs = time.perf_counter(), 0, []
-            for g in optimizer.param_groups:
-                g["lr"] = get_lr(state["step"], total_steps, cfg.warmup_steps, g["peak_lr"])
-            for micro in range(cfg.grad_accum):
-                if state["batch"] >= len(batches):  # next epoch, new order
-                    state["epoch"], state["batch"] = state["epoch"] + 1, 0
-                    batches = data.make_batches(train_items, global_batch, shuffle=True, seed=cfg.seed,
-                                                epoch=state["epoch"])
-                idx = batches[state["batch"]]
-                if dist is not None:  # this rank's part of the global batch
-                    idx, real = dist.part_of(idx)
-                    dist.sync_gradients(micro == cfg.grad_accum - 1)
-                batch = collate([train_items[i] for i in idx])
-                state["batch"] += 1
-                with autocast:
-                    loss, m = batch_loss(batch) if dist is None else dist.wrapped(batch_loss, batch)
-                if dist is not None:  # this rank's mean -> its share of the global batch's mean
-                    w = dist.share(mean_over(cfg, batch) if real else 0)
-                    loss, m = loss * w, {k: v * w for k, v in m.items() if k != "tokens"}
-                elif not torch.isfinite(loss):  # (distributed: on the global loss below, on every rank at once)
-                    raise FloatingPointError(f"non-finite loss {loss.item()} at step {state['step']}")
-                loss = loss / cfg.grad_accum
-                (scaler.scale(loss) if scaler else loss).backward()
-                tokens += sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids"))
-                logs.append({"loss": loss.item() * cfg.grad_accum, **m})
-            if dist is not None:  # global batch means, the same on every rank
-                logs, tokens = dist.average(logs), dist.total(tokens)
-                if not all(math.isfinite(l["loss"]) for l in logs):
-                    raise FloatingPointError(f"non-finite loss at step {state['step']}")
-            if scaler:
-                scaler.unscale_(optimizer)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(list(trainables.values()), cfg.grad_clip)
-            (scaler.step(optimizer), scaler.update()) if scaler else optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            state["step"] += 1
-            row = {"step": state["step"], "epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"],
-                   **{k: sum(l[k] for l in logs) / len(logs) for k in logs[0] if k != "tokens"},
-                   "tokens_per_s": tokens / (time.perf_counter() - t0)}
-            bar.update(1)
-            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "accuracy", "lr", "tokens_per_s") if k in row})
-            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and valid_items and cfg.stage != "sft":
-                row["eval"] = evaluate(cfg, model, user_model, head, valid_items, collate, reference, autocast, dist)
-            if state["step"] % cfg.log_every == 0 or "eval" in row:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
-            if cfg.save_every and state["step"] % cfg.save_every == 0:
-                checkpoint()
-    except KeyboardInterrupt:
-        bar.close()
-        if dist is not None and dist.sharded:  # gathering shards needs every rank, and they stopped anywhere
-            fail(f"interrupted: the last --save-every checkpoint in {out}/checkpoint is kept")
-        checkpoint(boundary)
-        print(f"\ninterrupted: checkpoint saved at step {state['step']} in {out}/checkpoint; "
-              f"continue with --resume", file=sys.stderr)
-        sys.exit(130)
-    except FloatingPointError as e:
-        bar.close()
-        fail(f"{e}; stopped; the last good checkpoint in {out}/checkpoint is kept")
-    finally:
-        metrics_file.close()
-    bar.close()
-    checkpoint()
-    if dist is None:
-        save_run(out, cfg, model, user_model, registry, head, tokenizer)
-    else:  # full weights: DDP's replica, or FSDP's shards gathered onto rank 0 (every rank takes part)
-        full = dist.full_modules()
-        if rank0:
-            save_run(out, cfg, full[0], full[1], registry, full[2], tokenizer)
-    summary = {}
-    if valid_items and cfg.stage != "sft":
-        summary = evaluate(cfg, model, user_model, head, valid_items, collate, reference, autocast, dist)
-        if rank0:
-            atomic_write_json(summary, out / "eval.json")
-    return summary
+    return trainables, optimizer
 
 
 def sft_examples(items, which: str):
@@ -725,102 +326,166 @@ def sft_examples(items, which: str):
     return [data.SFTExample(it.prompt_ids, it.chosen_ids) for it in items]
 
 
-def make_reference(cfg, model, train_items, valid_items, collate, autocast, out, dist=None):
-    """reference(batch) -> (reference_chosen_logps, reference_rejected_logps).
+def setup(cfg: TrainConfig) -> Training:
+    """Processes, data, models, reference, optimizer, and the resumed position, in that order."""
+    t0 = time.perf_counter()
+    dist = distributed.setup(runs.pick_device(cfg.device), cfg.parallel)  # torchrun's processes, or this one
+    device, out = dist.device, Path(cfg.out)
+    check_inputs(cfg, dist)
+    # 1. data first: a bad file fails in seconds, before a 7B model is loaded
+    train_pairs = data.read_pairs(cfg.data)
+    valid_pairs = data.read_pairs(cfg.valid) if cfg.valid else []
+    if not Path(cfg.model).is_dir():
+        raise FileNotFoundError(f"--model {cfg.model}: no such directory (a Hugging Face checkpoint or a run of ours)")
+    out.mkdir(parents=True, exist_ok=True)
+    if dist.rank == 0:  # the starting model by absolute path: eval.py and LoRA runs find their base from anywhere
+        runs.atomic_write_json({**dataclasses.asdict(cfg), "model": str(Path(cfg.model).resolve())}, out / "args.json")
+    else:  # one progress bar and log, from rank 0
+        cfg = dataclasses.replace(cfg, quiet=True)
+    torch.manual_seed(cfg.seed)
 
-    The reference is the starting model without user embedding (PAPER.md). With LoRA it is the same
-    weights with adapters off; for full fine-tuning, log-probs are computed once before training
-    (policy == reference at step 0), or a frozen copy is kept when --no-precompute-reference.
-    """
-    average = cfg.loss == "ipo"
-    if lora_modules(model):
-        reference_model = lambda: lora_disabled(model)  # noqa: E731
-    elif cfg.precompute_reference:  # used only below, before the first step changes the model
-        reference_model = lambda: contextlib.nullcontext(model)  # noqa: E731
-    else:
-        frozen = copy.deepcopy(model).requires_grad_(False)
-        reference_model = lambda: contextlib.nullcontext(frozen)  # noqa: E731
+    # 2. tokenizer and data
+    tokenizer = data.load_tokenizer(cfg.model)
+    train_items, stats = data.tokenize_pairs(train_pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    valid_items, vstats = data.tokenize_pairs(valid_pairs, tokenizer, cfg.max_length, cfg.max_prompt_length)
+    log = (lambda s: None) if cfg.quiet else (lambda s: tqdm.write(s))
+    log(f"train: {data.format_stats(stats)}" + (f" | valid: {data.format_stats(vstats)}" if valid_pairs else ""))
+    if cfg.stage == "sft":
+        train_items, valid_items = sft_examples(train_items, cfg.sft_on), sft_examples(valid_items, "chosen")
 
-    def online(batch):
-        with torch.no_grad(), reference_model() as ref:
-            was = ref.training
-            ref.eval()
-            logps = prlhf.reference_logps(ref, batch, average=average)
-            ref.train(was)
-            return logps
+    # 3. models; FSDP keeps the full model on the CPU, and fully_shard moves each block's shard to the GPU
+    model, user_model, registry, head = load_models(cfg, train_pairs, "cpu" if dist.sharded else device)
 
-    if not cfg.precompute_reference:
-        return online
-    cache = {}
-    for split, items in (("train", train_items), ("valid", valid_items)):
-        batches = data.make_batches(items, max(cfg.batch_size, 8), shuffle=False, seed=0, epoch=0)
-        if dist is not None:  # a share per rank, as many on every rank (each FSDP forward is collective)
-            batches = dist.shard(batches)
-        for idx in tqdm(batches, desc=f"reference log-probs ({split})", disable=cfg.quiet, leave=False):
-            batch = collate([items[i] for i in idx])
-            with torch.no_grad(), autocast:
-                c, r = online(batch) if dist is None else dist.wrapped(online, batch)
-            for j, i in enumerate(batch["index"].tolist()):
-                cache[(split, i)] = (c[j].float(), r[j].float())
-    if dist is not None:  # any rank may train on any pair
-        cache = dict(dist.gather([(k, (c.cpu(), r.cpu())) for k, (c, r) in cache.items()]))
+    def collate(items):
+        if cfg.stage == "sft":
+            b = data.collate_sft(items, tokenizer)
+        else:
+            b = data.collate_pairs(items, tokenizer, registry.row, use_user_text=cfg.use_user_text)
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
-    def cached(batch):
-        split = batch.get("split", "train")
-        pairs = [cache[(split, i)] for i in batch["index"].tolist()]
-        return (torch.stack([p[0] for p in pairs]).to(batch["index"].device),
-                torch.stack([p[1] for p in pairs]).to(batch["index"].device))
+    dist.wrap(model, user_model, head)  # DDP or FSDP2 under torchrun: forwards go through dist.wrapped
+    autocast = autocast_ctx(cfg, device)
+    t1 = time.perf_counter()
+    reference = make_reference(cfg, model, train_items, valid_items, collate, autocast, dist) \
+        if cfg.stage == "pdpo" else None
+    timing = {"setup_s": t1 - t0, "reference_s": time.perf_counter() - t1}
 
-    return cached
+    # 4. optimizer, loss scaling (fp16 only: disabled, GradScaler passes everything through), schedule
+    trainables, optimizer = make_optimizer(cfg, model, user_model, head, device)
+    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+    global_batch = cfg.batch_size * dist.world_size  # items per micro-batch, all ranks
+    steps_per_epoch = max(1, math.ceil(len(train_items) / global_batch) // cfg.grad_accum)
+    total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
+    state = {"step": 0, "epoch": 0, "batch": 0}
+    if cfg.resume:
+        state = runs.load_checkpoint(out, trainables, optimizer, scaler, dist)
+        log(f"resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
+    elif dist.rank == 0 and (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+    return Training(cfg, dist, out, tokenizer, train_items, valid_items, model, user_model, registry, head, collate,
+                    autocast, reference, trainables, optimizer, scaler, total_steps, global_batch, state, timing)
 
 
-PADDING = "<padding>"  # group of the copies that give every rank as many pairs to evaluate
+def checkpoint(t: Training, at=None):
+    """Write checkpoint/ for --resume; at: (state, rng) of the last step boundary (default: now)."""
+    state, rng = at or (t.state, runs.rng_state())
+    tensors, opt = t.dist.full_state(t.trainables, t.optimizer)  # FSDP: every rank sends shards to rank 0
+    if t.dist.rank == 0:
+        runs.save_checkpoint(t.out, tensors, opt, t.scaler, dict(state), rng)
 
 
-def evaluate(cfg, model, user_model, head, valid_items, collate, reference, autocast, dist=None) -> dict:
-    def valid_collate(items):
-        return {**collate(items), "split": "valid"}
-
-    items = valid_items
-    if dist is not None:  # a share per rank, padded to as many on every rank with marked copies
-        items = dist.shard(valid_items, pad=dataclasses.replace(valid_items[0], group=PADDING))
-    records = score_pairs(model, user_model, items, valid_collate, beta=cfg.beta, reference=reference,
-                          head=head, autocast=autocast, average=cfg.loss == "ipo",
-                          desc=None if cfg.quiet else "evaluating", wrapper=dist.wrapped if dist else None)
-    if dist is not None:  # per-user metrics over every rank's pairs
-        records = [r for r in dist.gather(records) if r["group"] != PADDING]
-    return {"groups": summarize(records, "group"), "users": summarize(records, "user")}
+def save(t: Training, train_s: float):
+    """The final run directory (runs.save_run), written by rank 0 from full weights (FSDP: gathered)."""
+    model, user_model, head = t.dist.full_modules()  # every rank takes part
+    if t.dist.rank == 0:
+        runs.save_run(t.out, model, user_model, t.registry, head, t.tokenizer, merge=t.cfg.merge)
+        runs.atomic_write_json({**t.timing, "train_s": train_s}, t.out / "timing.json")
 
 
 # ----------------------------------------------------------------------------------------------
-# Generation per user, and the built-in demo (`python train.py` with no arguments)
+# The training loop
 
 
-@torch.no_grad()
-def generate_responses(model, user_model, registry, tokenizer, items, *, use_user_text=False, max_new_tokens=64,
-                       temperature=0.0, top_p=None, batch_size=32, seed=0, desc=None) -> list[dict]:
-    """Generate a response to each item's prompt as its user: [BOS] [e_u] [user text] [prompt] -> response."""
-    generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
-    out = []
-    for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=desc is None, leave=False):
-        chunk = items[start:start + batch_size]
-        prompts = [[tokenizer.bos_id] + (it.user_text_ids if use_user_text else []) + it.prompt_ids for it in chunk]
-        prefix = None
-        if user_model is not None:
-            rows = registry.rows([it.user for it in chunk]).to(model.tok_embeddings.weight.device)
-            prefix = user_model(rows)  # (B, T_u, d)
-        new = lm.generate(model, prompts, max_new_tokens, prefix_embeds=prefix, eos_token_id=tokenizer.eos_id,
-                          temperature=temperature, top_p=top_p, generator=generator)
-        for it, ids in zip(chunk, new):
-            text_ids = ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids
-            out.append({"user": it.user, "group": it.group, "prompt": tokenizer.decode(it.prompt_ids),
-                        "response": tokenizer.decode(text_ids), "response_tokens": len(text_ids)})
-    return out
+def train(cfg: TrainConfig) -> dict:
+    """Run one stage; return the final evaluation summary (empty without --valid)."""
+    t = setup(cfg)
+    cfg, dist, state, optimizer, scaler = t.cfg, t.dist, t.state, t.optimizer, t.scaler
+    bar = tqdm(total=t.total_steps, initial=state["step"], disable=cfg.quiet, desc=f"{cfg.stage} {t.out.name}",
+               dynamic_ncols=True)
+    metrics_file = open(t.out / "metrics.jsonl" if dist.rank == 0 else os.devnull, "a")
+    batches = data.make_batches(t.train_items, t.global_batch, shuffle=True, seed=cfg.seed, epoch=state["epoch"])
+    t.model.train()
+    start, boundary = time.perf_counter(), None
+    try:
+        while state["step"] < t.total_steps:
+            boundary = (dict(state), runs.rng_state())  # weights change only at optimizer.step(): resume from here
+            t0, tokens, logs = time.perf_counter(), 0, []
+            for g in optimizer.param_groups:
+                g["lr"] = get_lr(state["step"], t.total_steps, cfg.warmup_steps, g["peak_lr"])
+            for micro in range(cfg.grad_accum):
+                if state["batch"] >= len(batches):  # next epoch, new order
+                    state["epoch"], state["batch"] = state["epoch"] + 1, 0
+                    batches = data.make_batches(t.train_items, t.global_batch, shuffle=True, seed=cfg.seed,
+                                                epoch=state["epoch"])
+                idx, real = dist.part_of(batches[state["batch"]])  # this rank's part of the global batch
+                dist.sync_gradients(micro == cfg.grad_accum - 1)
+                batch = t.collate([t.train_items[i] for i in idx])
+                state["batch"] += 1
+                with t.autocast:
+                    loss, metrics = dist.wrapped(t.batch_loss, batch)
+                share = dist.share(mean_over(cfg, batch) if real else 0)  # this rank's mean -> the global mean
+                scaler.scale(loss * share / cfg.grad_accum).backward()
+                tokens += sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids"))
+                logs.append({"loss": loss.item() * share, **{k: v * share for k, v in metrics.items()}})
+            logs, tokens = dist.average(logs), dist.total(tokens)  # global batch means, the same on every rank
+            if not all(math.isfinite(row["loss"]) for row in logs):
+                raise FloatingPointError(f"non-finite loss at step {state['step']}")
+            scaler.unscale_(optimizer)
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(list(t.trainables.values()), cfg.grad_clip)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            state["step"] += 1
+            row = {"step": state["step"], "epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"],
+                   **{k: sum(r[k] for r in logs) / len(logs) for k in logs[0]},
+                   "tokens_per_s": tokens / (time.perf_counter() - t0), "elapsed_s": time.perf_counter() - start}
+            bar.update(1)
+            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "accuracy", "lr", "tokens_per_s") if k in row})
+            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and t.valid_items and cfg.stage != "sft":
+                row["eval"] = evaluate(t)
+            if state["step"] % cfg.log_every == 0 or "eval" in row:
+                metrics_file.write(json.dumps(row) + "\n")
+                metrics_file.flush()
+            if cfg.save_every and state["step"] % cfg.save_every == 0:
+                checkpoint(t)
+    except KeyboardInterrupt:
+        bar.close()
+        if dist.sharded:  # gathering shards needs every rank, and they stopped anywhere
+            runs.fail(f"interrupted: the last --save-every checkpoint in {t.out}/checkpoint is kept")
+        checkpoint(t, boundary)
+        print(f"\ninterrupted: checkpoint saved at step {state['step']} in {t.out}/checkpoint; "
+              f"continue with --resume", file=sys.stderr)
+        sys.exit(130)
+    except FloatingPointError as e:
+        bar.close()
+        runs.fail(f"{e}; stopped; the last good checkpoint in {t.out}/checkpoint is kept")
+    finally:
+        metrics_file.close()
+    bar.close()
+    checkpoint(t)
+    save(t, time.perf_counter() - start)
+    summary = evaluate(t) if t.valid_items and cfg.stage != "sft" else {}
+    if summary and dist.rank == 0:
+        runs.atomic_write_json(summary, t.out / "eval.json")
+    return summary
 
 
-DEMO = dict(seed=0, out="runs/demo", n_users=10, pairs_per_user=60, vocab_size=768,
-            model=dict(family="llama", hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
-                       intermediate_size=128, tie_word_embeddings=False, max_position_embeddings=256))
+# ----------------------------------------------------------------------------------------------
+# The built-in demo (`python train.py` with no arguments)
+
+
+DEMO = dict(seed=0, out="runs/demo", n_users=10, pairs_per_user=60, vocab_size=768, model=lm.TINY_LLAMA)
 
 
 def demo(seed: int = DEMO["seed"], out: str = DEMO["out"], quiet: bool = False) -> dict:
@@ -859,10 +524,10 @@ def demo(seed: int = DEMO["seed"], out: str = DEMO["out"], quiet: bool = False) 
                       user_init="uniform", user_init_range=0.05, **dpo))
     results = {}
     for method in ("dpo", "pdpo"):
-        run = load_run(out / method)
+        run = runs.load_run(out / method)
         items, _ = data.tokenize_pairs(valid_pairs, run.tokenizer, 96, 32)
         summary = json.loads((out / method / "eval.json").read_text())["groups"]
-        gens = generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items[::4],
+        gens = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items[::4],
                                   max_new_tokens=40, desc=None if quiet else f"generating ({method})")
         results[method] = {"groups": {}}
         for group, s in summary.items():
@@ -871,7 +536,7 @@ def demo(seed: int = DEMO["seed"], out: str = DEMO["out"], quiet: bool = False) 
                                                 "mean_response_tokens": sum(lengths) / max(1, len(lengths))}
         with open(out / method / "generations.jsonl", "w") as f:
             f.writelines(json.dumps(g) + "\n" for g in gens)
-    atomic_write_json(results, out / "results.json")
+    runs.atomic_write_json(results, out / "results.json")
     print_demo_table(results)
     for method in ("dpo", "pdpo"):  # a few answers to read, one per group
         gens = [json.loads(line) for line in open(out / method / "generations.jsonl")]
@@ -891,16 +556,16 @@ def print_demo_table(results: dict):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    if not argv:  # the built-in example
-        return demo()
     cfg = parse_args(argv)
+    if not argv or cfg.example == "toy":  # the built-in example
+        return demo(seed=cfg.seed, out=cfg.out or DEMO["out"], quiet=cfg.quiet)
     for name in ("model", "data", "out"):
         if not getattr(cfg, name):
-            fail(f"--{name} is required (or run `python train.py` with no arguments for the demo)")
+            runs.fail(f"--{name} is required (or run `python train.py` with no arguments for the demo)")
     try:
         train(cfg)
     except (data.DataError, ValueError, FileNotFoundError) as e:
-        fail(str(e))
+        runs.fail(str(e))
 
 
 if __name__ == "__main__":

@@ -183,3 +183,29 @@ def run_worker(script: Path, args: list[str], env: dict | None = None, timeout: 
     if proc.returncode != 0:
         raise RuntimeError(f"{script.name} {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def train_flags(**fields) -> list[str]:
+    """train.py's command line for these TrainConfig fields: --name value, booleans as --x / --no-x."""
+    flags = []
+    for name, value in fields.items():
+        flag = "--" + name.replace("_", "-")
+        flags += [flag if value else "--no-" + flag[2:]] if isinstance(value, bool) else [flag, str(value)]
+    return flags
+
+
+def run_train_script(**fields) -> Path:
+    """Run train.py as `python train.py FLAGS` would, inside this process, and return its --out.
+
+    Benchmarks measure the training script as people run it, not a library: runpy executes the file
+    as __main__ (so this process's optimizer hooks and memory peaks see its work). A failed run exits.
+    """
+    import runpy
+
+    argv = sys.argv
+    sys.argv = [str(ROOT / "train.py"), *train_flags(**fields)]
+    try:
+        runpy.run_path(str(ROOT / "train.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    return Path(fields["out"])

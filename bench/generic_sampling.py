@@ -9,9 +9,10 @@ draw one of the two terms, e_u with probability alpha, else e_0: 2B rows per ste
 (an unbiased estimate of eq. (pdpo)), more variance. The question here is whether the variance costs accuracy.
 
 Per seed: the demo task (data.make_toy_task: 10 known users, 70% prefer long answers, 30% short; validation
-pairs of the known users and of 4 unseen users), the demo's tiny LLaMA (train.DEMO) fine-tuned with SFT on
+pairs of the known users and of 4 unseen users), the demo's tiny LLaMA (model.TINY_LLAMA) fine-tuned with SFT on
 both kinds of answer, then P-DPO (individual user model, T_u = 1, alpha 0.5) from that SFT model, exact and
-sampled, with the same seed, data order and hyperparameters (those of train.py's demo). Accuracy = share of
+sampled, with the same seed, data order and hyperparameters, each run through train.py's command line.
+Accuracy = share of
 validation pairs whose implicit personalized reward prefers the user's chosen answer, per group. Sampling is
 within noise when the mean difference over seeds is at most twice the noise of one accuracy: the larger of
 the seed-to-seed standard deviation (of either method) and one validation pair of the group (1 / pairs).
@@ -19,6 +20,7 @@ the seed-to-seed standard deviation (of either method) and one validation pair o
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -29,13 +31,14 @@ import torch
 import common as C
 import data
 import model as lm
-import train as T
+
+VOCAB_SIZE = 768  # the demo's
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
-    p.add_argument("--pairs-per-user", type=int, default=T.DEMO["pairs_per_user"])
+    p.add_argument("--pairs-per-user", type=int, default=60, help="training pairs per known user (the demo's)")
     p.add_argument("--sft-epochs", type=float, default=4.0)
     p.add_argument("--pdpo-epochs", type=float, default=3.0)
     p.add_argument("--threads", type=int, default=1, help="torch threads (the demo's tiny matrices: 1 is fastest)")
@@ -50,25 +53,25 @@ def parse_args(argv=None):
 
 def run_seed(seed: int, args, root: Path, device: str) -> dict:
     out = root / f"seed{seed}"
-    train_pairs, valid_pairs = data.make_toy_task(seed=seed, n_users=T.DEMO["n_users"],
-                                                  pairs_per_user=args.pairs_per_user)
+    train_pairs, valid_pairs = data.make_toy_task(seed=seed, pairs_per_user=args.pairs_per_user)
     data.write_pairs(out / "train.jsonl", train_pairs)
     data.write_pairs(out / "valid.jsonl", valid_pairs)
-    tokenizer = data.train_bpe_tokenizer(data.toy_corpus_texts(seed), T.DEMO["vocab_size"], out_dir=out / "base")
+    tokenizer = data.train_bpe_tokenizer(data.toy_corpus_texts(seed), VOCAB_SIZE, out_dir=out / "base")
     cfg = lm.ModelConfig(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
-                         pad_token_id=tokenizer.pad_id, **T.DEMO["model"])
+                         pad_token_id=tokenizer.pad_id, **lm.TINY_LLAMA)
     lm.save_pretrained(lm.build_model(cfg, seed=seed), out / "base")
     common = dict(data=str(out / "train.jsonl"), seed=seed, quiet=True, max_length=96, max_prompt_length=32,
                   device=device)
-    T.train(T.TrainConfig(stage="sft", model=str(out / "base"), out=str(out / "sft"), sft_on="both", lr=3e-3,
-                          warmup_steps=10, epochs=args.sft_epochs, batch_size=16, grad_accum=1, **common))
+    C.run_train_script(stage="sft", model=str(out / "base"), out=str(out / "sft"), sft_on="both", lr=3e-3,
+                       warmup_steps=10, epochs=args.sft_epochs, batch_size=16, grad_accum=1, **common)
     pdpo = dict(stage="pdpo", model=str(out / "sft"), valid=str(out / "valid.jsonl"), beta=0.1, lr=5e-4, user_lr=1e-2,
                 warmup_steps=10, epochs=args.pdpo_epochs, batch_size=8, grad_accum=1, user_model="individual",
                 n_user_tokens=1, alpha=0.5, **common)
     result = {}
     for name, sampling in (("exact", False), ("sampled", True)):
         t0 = time.perf_counter()
-        summary = T.train(T.TrainConfig(out=str(out / name), generic_sampling=sampling, **pdpo))
+        run = C.run_train_script(out=str(out / name), generic_sampling=sampling, **pdpo)
+        summary = json.loads((run / "eval.json").read_text())
         result[name] = {"seconds": time.perf_counter() - t0,
                         **{g: s["accuracy"] for g, s in summary["groups"].items()},
                         "pairs": {g: s["pairs"] for g, s in summary["groups"].items()}}
@@ -82,7 +85,7 @@ def main(argv=None):
     seeds = [int(s) for s in args.seeds.split(",")]
     tmp = tempfile.TemporaryDirectory(prefix="generic_sampling-") if not args.workdir else None
     root = Path(args.workdir or tmp.name)
-    print(f"generic_sampling: demo task, {T.DEMO['n_users']} users x {args.pairs_per_user} pairs, seeds {seeds}; "
+    print(f"generic_sampling: demo task, 10 users x {args.pairs_per_user} pairs, seeds {seeds}; "
           f"SFT {args.sft_epochs} epochs, P-DPO {args.pdpo_epochs} epochs (alpha 0.5, individual, T_u 1); {device}")
     results = {seed: run_seed(seed, args, root, device) for seed in seeds}
     groups = [g for g in results[seeds[0]]["exact"] if g not in ("seconds", "pairs")]

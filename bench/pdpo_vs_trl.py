@@ -38,9 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -166,8 +164,6 @@ def worker(args):
         import datasets  # noqa: F401  (imports before the baseline, like train's)
         import transformers  # noqa: F401
         import trl  # noqa: F401
-    else:
-        import train as T
     step_times = []
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
@@ -179,22 +175,13 @@ def worker(args):
     common = dict(lr=1e-4, beta=0.1, max_length=100_000, seed=0)
     extra = {}
     if side == "ours":
-        precompute = {}
-        make_reference = T.make_reference
-
-        def timed_make_reference(*a, **k):  # only to time the one-off precompute
-            t0 = time.perf_counter()
-            ref = make_reference(*a, **k)
-            precompute["s"] = time.perf_counter() - t0
-            return ref
-
-        T.make_reference = timed_make_reference
-        cfg = T.TrainConfig(stage="pdpo", model=str(workdir / "base"), data=str(workdir / "train.jsonl"), out=str(out),
-                            batch_size=args.batch_size, grad_accum=1, max_steps=args.steps, warmup_steps=2,
-                            precision=args.precision, quiet=True, device=device, max_prompt_length=50_000,
-                            **common, **overrides)
-        T.train(cfg)
-        extra["precompute_s"] = precompute.get("s", 0.0) if cfg.precompute_reference else 0.0
+        fields = dict(stage="pdpo", model=str(workdir / "base"), data=str(workdir / "train.jsonl"), out=str(out),
+                      batch_size=args.batch_size, grad_accum=1, max_steps=args.steps, warmup_steps=2,
+                      precision=args.precision, quiet=True, device=device, max_prompt_length=50_000,
+                      **common, **overrides)
+        C.run_train_script(**fields)
+        timing = json.loads((out / "timing.json").read_text())  # the one-off precompute, timed by train.py
+        extra["precompute_s"] = timing["reference_s"] if fields.get("precompute_reference", True) else 0.0
     else:
         extra.update(run_trl(args, workdir, out, device, common))
     steady = [b - a for a, b in zip(step_times[2:], step_times[3:])]  # intervals after two warm-up steps

@@ -4,8 +4,9 @@
     python bench/profile_step.py --alpha 1 --n-user-tokens 0 --user-model uniform    # vanilla DPO
     python bench/profile_step.py --quick
 
-The step is train.py's own: collate (data.collate_pairs), train.pdpo_batch_loss (prlhf.policy_logps: one
-forward of 4B rows; reference log-probs from train.make_reference's cache), backward, clipping, AdamW, on
+The step is train.py's own: collate (data.collate_pairs), prlhf.pdpo_step (prlhf.policy_logps: one
+forward of 4B rows; reference log-probs from eval.reference_cache, as train.py precomputes them), backward,
+clipping, AdamW, on
 toy pairs of varied length batched by data.make_batches. The table lists the operators by self time, then
 groups them: matrix multiplies, attention, the LM head's log-softmax, element-wise and copies, indexing
 (AdamW's per-parameter updates are element-wise operators too: the phase table shows the optimizer apart);
@@ -24,9 +25,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 import common as C
 import data
+import eval as evaluation
 import model as lm
 import prlhf
-import train as T
 from pdpo_vs_trl import make_pairs
 
 GROUPS = {  # operator name fragments -> group, first match wins
@@ -76,8 +77,7 @@ def main(argv=None):
                          max_positions=4096)
     pairs = make_pairs(args.batch_size * (args.steps + 2), max_sentences=8)
     items, _ = data.tokenize_pairs(pairs, tokenizer, max_length=100_000, max_prompt_length=50_000)
-    tcfg = T.TrainConfig(stage="pdpo", user_model=args.user_model, n_user_tokens=args.n_user_tokens, alpha=args.alpha,
-                         beta=0.1, batch_size=args.batch_size, precision=args.precision, quiet=True)
+    pcfg = prlhf.PDPOConfig(user_model=args.user_model, n_user_tokens=args.n_user_tokens, alpha=args.alpha, beta=0.1)
     model = lm.build_model(cfg, device=device).train()
     registry = prlhf.UserRegistry.from_users(p.user for p in pairs)
     user_model = prlhf.make_user_model(args.user_model, len(registry) - 1, args.n_user_tokens, cfg.hidden_size,
@@ -87,8 +87,17 @@ def main(argv=None):
         b = data.collate_pairs(chunk, tokenizer, registry.row, use_user_text=False)
         return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
 
-    autocast = T.autocast_ctx(tcfg, device)
-    reference = T.make_reference(tcfg, model, items, [], collate, autocast, work)
+    autocast = (torch.autocast(device.split(":")[0], dtype=torch.bfloat16) if args.precision == "bf16"
+                else contextlib.nullcontext())
+
+    def online(batch):  # pi_ref = the starting model, in eval mode, as train.py's precompute
+        model.eval()
+        logps = prlhf.reference_logps(model, batch, average=pcfg.average_logps)
+        model.train()
+        return logps
+
+    reference = evaluation.reference_cache(online, {"train": items}, collate, batch_size=max(args.batch_size, 8),
+                                           autocast=autocast)
     params = [*model.parameters(), *user_model.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     batches = data.make_batches(items, args.batch_size, shuffle=True, seed=0)
@@ -97,7 +106,7 @@ def main(argv=None):
         with record_function("phase: collate"):
             batch = collate([items[i] for i in idx])
         with record_function("phase: forward + loss"), autocast:
-            loss, _ = T.pdpo_batch_loss(tcfg, model, user_model, batch, reference)
+            loss = prlhf.pdpo_step(model, user_model, batch, reference, pcfg)["losses"].mean()
         with record_function("phase: backward"):
             loss.backward()
         with record_function("phase: clip + AdamW"):

@@ -124,7 +124,7 @@ sys.path.insert(0, {root!r})
 import torch
 import distributed
 os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1])
-d = distributed.setup("cpu", sys.argv[2])
+d = distributed.join("cpu", sys.argv[2])  # a real process group of one
 layers = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 1))
 model = torch.nn.Module()
 model.layers = layers

@@ -133,7 +133,7 @@ def test_swapped_pairs_and_unseen_users_score_as_they_must(runs):
     assert [r["margin"] for r in flipped] == pytest.approx([-r["margin"] for r in original], abs=1e-5)
     assert {r["status"] for r in original} == {"known"} and {r["status"] for r in unseen} == {"unseen"}
     generic = E.row_accuracy(run, run.user_model, 0, E.tokenize(run, known), "cpu",
-                             E.online_reference(reference, False))
+                             E.online_reference(reference, run.pdpo))
     assert generic["mean_margin"] == pytest.approx(sum(r["margin"] for r in unseen) / len(unseen), abs=1e-5)
     assert abs(generic["mean_margin"] - sum(r["margin"] for r in original) / len(original)) > 1e-3  # e_u != e_0
 
@@ -247,7 +247,7 @@ def test_new_row_starts_at_e0_and_only_it_moves(runs, kind):
     start = {k: v.detach().clone() for k, v in user_model.state_dict().items()}
     fit, _ = E.toy_user_pairs("newcomer", 8, 1, seed=3000)
     collate = E.pair_collate(run, "cpu", registry.row)
-    E.fit_user_row(run, user_model, row, E.tokenize(run, fit), collate, E.online_reference(reference, False),
+    E.fit_user_row(run, user_model, row, E.tokenize(run, fit), collate, E.online_reference(reference, run.pdpo),
                    steps=4, lr=0.1)
     table = "user_logits" if kind == "cluster" else "embeddings"
     for name, value in user_model.state_dict().items():

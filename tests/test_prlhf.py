@@ -226,13 +226,13 @@ def test_vanilla_dpo_and_ipo_match_trl(trl_setup, loss_type):
     batch = {"user_rows": torch.zeros(B, dtype=torch.long), "policy_input_ids": ids, "policy_response_mask": mask,
              "reference_input_ids": ids, "reference_response_mask": mask}
     policy, reference = lm.load_pretrained(root / "policy"), lm.load_pretrained(root / "reference")
-    cfg = prlhf.PDPOConfig.vanilla(beta=beta, loss_type=loss_type)
+    cfg = prlhf.PDPOConfig.vanilla(beta=beta, loss=loss_type)
     user_model = prlhf.make_user_model(cfg.user_model, 0, cfg.n_user_tokens, policy.config.hidden_size)
     with torch.no_grad():
         p = prlhf.policy_logps(policy, user_model, batch, cfg.alpha, average=cfg.average_logps)
         ref_chosen, ref_rejected = prlhf.reference_logps(reference, batch, average=cfg.average_logps)
     out = prlhf.pdpo_loss(p["policy_chosen_logps"], p["policy_rejected_logps"], ref_chosen, ref_rejected,
-                          alpha=cfg.alpha, beta=cfg.beta, loss_type=cfg.loss_type)
+                          alpha=cfg.alpha, beta=cfg.beta, loss_type=cfg.loss)
     ours = out["losses"].mean().item()
     print(f"\n{loss_type}: ours {ours:.8f}  TRL {trl_loss:.8f}  |diff| {abs(ours - trl_loss):.2e}")
     assert abs(ours - trl_loss) < 1e-5
@@ -480,7 +480,7 @@ def test_save_load_round_trip(tmp_path, kind):
 def test_vanilla_configuration():
     cfg = prlhf.PDPOConfig.vanilla(beta=0.1)
     assert (cfg.user_model, cfg.n_user_tokens, cfg.alpha, cfg.beta) == ("uniform", 0, 1.0, 0.1)
-    assert not cfg.average_logps and prlhf.PDPOConfig(loss_type="ipo").average_logps
+    assert not cfg.average_logps and prlhf.PDPOConfig(loss="ipo").average_logps
     with pytest.raises(ValueError, match="alpha"):
         prlhf.PDPOConfig(alpha=1.5)
 

@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import model as lm
+import runs
 import train as T
 from tests.helpers import toy_setup
 
@@ -37,19 +38,19 @@ def test_lora_merged_equals_unmerged(toy, tmp_path):
     model = lm.load_pretrained(toy / "base")
     ids = torch.randint(3, model.config.vocab_size, (2, 9))
     before = model(ids)
-    T.add_lora(model, r=4, alpha=8, dropout=0.0, targets=["wq", "wv", "w2", "tok_embeddings"])
+    runs.add_lora(model, r=4, alpha=8, dropout=0.0, targets=["wq", "wv", "w2", "tok_embeddings"])
     torch.manual_seed(1)
-    for m in T.lora_modules(model):  # adapters away from their zero start
+    for m in runs.lora_modules(model):  # adapters away from their zero start
         torch.nn.init.normal_(m.lora_A, std=0.1)
         torch.nn.init.normal_(m.lora_B, std=0.1)
     with torch.no_grad():
         unmerged = model(ids)
-        with T.lora_disabled(model):
+        with runs.lora_disabled(model):
             assert torch.allclose(model(ids), before, atol=1e-6)  # adapters off = the base model
         assert (unmerged - before).abs().max() > 1e-3  # the adapters do something
-        merged = T.merge_lora(model)(ids)
+        merged = runs.merge_lora(model)(ids)
     assert model.config.tie_word_embeddings  # so tok_embeddings was left without an adapter
-    assert not T.lora_modules(model)
+    assert not runs.lora_modules(model)
     assert torch.allclose(merged, unmerged, atol=1e-5), (merged - unmerged).abs().max()
 
 
@@ -57,7 +58,7 @@ def test_lora_run_saves_adapters_and_merges(toy, tmp_path):
     out = tmp_path / "lora"
     T.train(config(toy, out, lora_r=4, lora_dropout=0.0, lr=1e-2, merge=True))
     assert (out / "adapter.safetensors").is_file() and not (out / "model.safetensors").is_file()
-    run = T.load_run(out)  # base + adapters, merged on load
+    run = runs.load_run(out)  # base + adapters, merged on load
     merged = lm.load_pretrained(out / "merged")
     base = lm.load_pretrained(toy / "base")
     ids = torch.randint(3, merged.config.vocab_size, (2, 7))
@@ -137,7 +138,7 @@ def test_prm_stage_runs_and_saves_head(toy, tmp_path):
     out = tmp_path / "prm"
     summary = T.train(config(toy, out, stage="prm", max_steps=4, valid=str(toy / "valid.jsonl")))
     assert (out / "reward_head.safetensors").is_file()
-    assert T.load_run(out).reward_head is not None
+    assert runs.load_run(out).reward_head is not None
     assert sum(g["pairs"] for g in summary["groups"].values()) > 0
 
 
@@ -167,3 +168,71 @@ def test_alpha_zero_trains_the_generic_term_alone(toy, tmp_path, stage):
     T.train(config(toy, out, stage=stage, alpha=0.0, max_steps=2))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(0 <= r["accuracy"] <= 1 for r in rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# Errors for people: one line naming the file or flag, exit code 2, no traceback
+
+
+def one_line_error(r) -> str:
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    return lines[0]
+
+
+def test_invalid_utf8_names_file_and_line(toy, tmp_path):
+    bad = tmp_path / "latin1.jsonl"
+    good = '{"user": "a", "prompt": "p", "chosen": "c", "rejected": "r"}\n'
+    bad.write_bytes(good.encode() + b'{"user": "a", "prompt": "caf\xe9", "chosen": "c", "rejected": "r"}\n')
+    line = one_line_error(run_cli("--model", str(toy / "base"), "--data", str(bad), "--out", str(tmp_path / "o")))
+    assert f"{bad}:2:" in line and "UTF-8" in line and "0xe9" in line, line
+
+
+def test_truncated_checkpoint_names_the_file(toy, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in (toy / "base").iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])  # a download cut in the middle
+    line = one_line_error(run_cli("--model", str(broken), "--data", str(toy / "train.jsonl"),
+                                  "--out", str(tmp_path / "o"), "--max-steps", "1", "--quiet"))
+    assert str(weights) in line and "truncated or corrupt" in line, line
+
+
+def test_missing_data_file_names_the_flag(toy, tmp_path):
+    line = one_line_error(run_cli("--model", str(toy / "base"), "--data", str(tmp_path / "nope.jsonl"),
+                                  "--out", str(tmp_path / "o")))
+    assert f"--data {tmp_path / 'nope.jsonl'}: no such file" in line, line
+
+
+def test_corrupt_checkpoint_on_resume_names_the_file(toy, tmp_path):
+    out = tmp_path / "run"
+    T.train(config(toy, out, max_steps=2))
+    (out / "checkpoint" / "optimizer.safetensors").write_bytes(b"\x00" * 10)
+    args = ["--model", str(toy / "base"), "--data", str(toy / "train.jsonl"), "--out", str(out), "--max-steps", "4",
+            "--batch-size", "4", "--grad-accum", "2", "--beta", "0.1", "--max-length", "96",
+            "--max-prompt-length", "32", "--quiet", "--resume"]
+    line = one_line_error(run_cli(*args))
+    assert str(out / "checkpoint" / "optimizer.safetensors") in line, line
+
+
+@pytest.mark.parametrize("flags, expected", [
+    (["--alpha", "1.5"], "--alpha 1.5"),
+    (["--beta", "0"], "--beta 0.0"),
+    (["--user-info", "explicit"], "--user-info explicit"),  # individual model, alpha 0.5: both inert
+    (["--user-info", "explicit", "--user-model", "uniform"], "--alpha 0.5"),
+])
+def test_config_errors_come_before_anything_is_loaded(tmp_path, flags, expected):
+    out = tmp_path / "o"
+    line = one_line_error(run_cli("--model", str(tmp_path / "no-model"), "--data", str(tmp_path / "no.jsonl"),
+                                  "--out", str(out), *flags))
+    assert expected in line, line
+    assert not out.exists()  # nothing written
+
+
+def test_explicit_user_info_trains_with_the_uniform_model(toy, tmp_path):
+    out = tmp_path / "explicit"
+    T.train(config(toy, out, user_info="explicit", user_model="uniform", alpha=1.0, max_steps=2))
+    assert json.loads((out / "user_model.json").read_text())["n_user_tokens"] == 0  # T_u = 0: the text alone

@@ -1,0 +1,336 @@
+"""Run directories and LoRA: what train.py writes, what eval.py and bench/ read.
+
+A run directory holds everything a trained model is made of, without pickle:
+
+    args.json                  the flags it was trained with (TrainConfig), its base model by absolute path
+    model.safetensors, config.json          full fine-tuning: a Hugging Face checkpoint (model.py)
+    adapter.safetensors        LoRA: the adapters only; the base is args.json's "model"
+    merged/                    with --merge: base + adapters folded into one Hugging Face checkpoint
+    user_model.*, users.json   the user model f_P and its registry (prlhf.save_user_model)
+    reward_head.safetensors    P-RM runs: r_phi's head
+    tokenizer.json, ...        the base's tokenizer
+    checkpoint/                for --resume: trainable tensors, AdamW state, RNG, data position
+    metrics.jsonl, eval.json   per-step metrics and the final per-user evaluation
+
+LoRA (Hu et al. 2021) is hand-written here: W x + (alpha / r) B A dropout(x), the reference code's
+adapters on attention, MLP and token embedding. With LoRA the reference model pi_ref is the same
+weights with the adapters switched off (lora_disabled), so it costs no second copy.
+
+Reading order: command-line helpers, LoRA, atomic files, runs (load, save), checkpoints.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import shutil
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import data
+import model as lm
+import prlhf
+
+# ----------------------------------------------------------------------------------------------
+# Command-line helpers shared by train.py and eval.py
+
+
+def fail(msg: str):
+    """A one-line error for people, exit code 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def pick_device(device: str = "auto") -> str:
+    if device != "auto":
+        return device
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA: W x + (alpha / r) * B A dropout(x), with A random and B zero so training starts at W
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base, self.scale, self.enabled = base, alpha / r, True
+        self.dropout = nn.Dropout(dropout)
+        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, device=base.weight.device))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear initialises its weight
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def delta_weight(self):
+        return self.scale * self.lora_B @ self.lora_A  # (out, in)
+
+    def forward(self, x):
+        y = self.base(x)
+        if not self.enabled:
+            return y
+        return y + self.scale * F.linear(F.linear(self.dropout(x), self.lora_A.to(x.dtype)), self.lora_B.to(x.dtype))
+
+
+class LoRAEmbedding(nn.Module):
+    """Token embedding + (alpha / r) * (B A)^T rows: A (r, vocab) starts at zero, B (d, r) random."""
+
+    def __init__(self, base: nn.Embedding, r: int, alpha: float):
+        super().__init__()
+        self.base, self.scale, self.enabled = base, alpha / r, True
+        self.lora_A = nn.Parameter(torch.zeros(r, base.num_embeddings, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.randn(base.embedding_dim, r, device=base.weight.device) / r)
+
+    @property
+    def weight(self):
+        return self.base.weight
+
+    def delta_weight(self):
+        return (self.scale * self.lora_B @ self.lora_A).T  # (vocab, d)
+
+    def forward(self, ids):
+        y = self.base(ids)
+        if not self.enabled:
+            return y
+        return y + self.scale * (F.embedding(ids, self.lora_A.T) @ self.lora_B.T).to(y.dtype)
+
+
+def add_lora(model: lm.Transformer, r: int, alpha: float, dropout: float, targets: list[str]) -> list[str]:
+    """Freeze the model and wrap every module whose last name is in `targets`; return the wrapped names."""
+    model.requires_grad_(False)
+    if model.config.tie_word_embeddings:
+        # the embedding is also the output head: an adapter on it could not be merged into one tensor
+        targets = [t for t in targets if t != "tok_embeddings"]
+    wrapped = []
+    for name, module in list(model.named_modules()):
+        if name.split(".")[-1] not in targets:
+            continue
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        if isinstance(module, nn.Linear):
+            new = LoRALinear(module, r, alpha, dropout)
+        elif isinstance(module, nn.Embedding):
+            new = LoRAEmbedding(module, r, alpha)
+        else:
+            continue
+        setattr(parent, name.split(".")[-1], new)
+        wrapped.append(name)
+    if not wrapped:
+        raise ValueError(f"--lora-targets {','.join(targets)}: no such modules (see model.py for names)")
+    return wrapped
+
+
+def lora_modules(model):
+    return [m for m in model.modules() if isinstance(m, (LoRALinear, LoRAEmbedding))]
+
+
+@contextlib.contextmanager
+def lora_disabled(model):
+    """The base model, adapters off: LoRA's reference model costs no second copy of the weights."""
+    mods = lora_modules(model)
+    for m in mods:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in mods:
+            m.enabled = True
+
+
+@torch.no_grad()
+def merge_lora(model: lm.Transformer) -> lm.Transformer:
+    """Fold each adapter into its base weight (W += scale * B A) and unwrap: a plain model again."""
+    for name, module in list(model.named_modules()):
+        if isinstance(module, (LoRALinear, LoRAEmbedding)):
+            module.base.weight += module.delta_weight().to(module.base.weight.dtype)
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.split(".")[-1], module.base)
+    model.tie_weights()
+    return model
+
+
+# ----------------------------------------------------------------------------------------------
+# Atomic files: written under a temporary name, then renamed, so a crash never leaves half a file
+
+
+def atomic_save_tensors(tensors: dict, file: Path, metadata: dict | None = None):
+    from safetensors.torch import save_file
+
+    tmp = file.with_name(file.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, file)
+
+
+def atomic_write_json(obj, file: Path):
+    tmp = file.with_name(file.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, file)
+
+
+def read_tensors(file: Path) -> dict:
+    """All tensors of a safetensors file; a truncated or corrupt file is a ValueError naming it."""
+    from safetensors.torch import load_file
+
+    if not Path(file).is_file():
+        raise FileNotFoundError(f"{file}: missing")
+    with lm.readable_safetensors(file):
+        return load_file(str(file))
+
+
+def read_json(file: Path):
+    try:
+        return json.loads(Path(file).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Runs: open what train.py wrote, and write it
+
+
+def is_run_dir(path) -> bool:
+    return (Path(path) / "args.json").is_file()
+
+
+def load_tensors_into(module: nn.Module, file: Path, prefix: str = ""):
+    params = dict(module.named_parameters())
+    tensors = read_tensors(file)
+    missing = [k for k in tensors if k.startswith(prefix) and k[len(prefix):] not in params]
+    if missing:
+        raise ValueError(f"{file}: tensors {missing[:5]} do not belong to this model")
+    with torch.no_grad():
+        for k, v in tensors.items():
+            if k.startswith(prefix):
+                params[k[len(prefix):]].copy_(v)
+
+
+def load_base(path, dtype, device) -> lm.Transformer:
+    """An HF checkpoint, or a run of ours: full runs hold an HF checkpoint; LoRA runs name their base."""
+    path = Path(path)
+    if is_run_dir(path) and (path / "adapter.safetensors").is_file():
+        args = read_json(path / "args.json")
+        model = load_base(args["model"], dtype, device)
+        add_lora(model, args["lora_r"], args["lora_alpha"], 0.0, args["lora_targets"].split(","))
+        load_tensors_into(model, path / "adapter.safetensors")
+        return merge_lora(model)
+    return lm.load_pretrained(path, dtype=dtype, device=device)
+
+
+@dataclass
+class Run:
+    """Everything a trained run is: the LM, its user model and registry, a reward head, the tokenizer."""
+    model: lm.Transformer
+    user_model: nn.Module | None
+    registry: prlhf.UserRegistry | None
+    tokenizer: data.Tokenizer
+    args: dict
+    reward_head: nn.Module | None = None
+
+    @property
+    def pdpo(self) -> prlhf.PDPOConfig:
+        """The user model and objective it was trained with (the PDPOConfig fields of args.json)."""
+        return prlhf.PDPOConfig(**{f.name: self.args[f.name] for f in fields(prlhf.PDPOConfig) if f.name in self.args})
+
+
+def load_run(path, dtype=torch.float32, device="cpu") -> Run:
+    """Open a run directory written by train.py."""
+    path = Path(path)
+    if not is_run_dir(path):
+        raise FileNotFoundError(f"{path}: not a run directory (no args.json); train one with train.py --out")
+    args = read_json(path / "args.json")
+    model = load_base(path, dtype, device)
+    user_model = registry = head = None
+    if (path / "user_model.json").is_file():
+        user_model, registry = prlhf.load_user_model(path)
+        user_model.to(device)
+    if (path / "reward_head.safetensors").is_file():
+        head = prlhf.RewardHead(model.config.hidden_size).to(device)
+        load_tensors_into(head, path / "reward_head.safetensors")
+    return Run(model.eval(), user_model, registry, data.load_tokenizer(path), args, head)
+
+
+def save_run(out: Path, model, user_model, registry, reward_head, tokenizer, merge: bool = False):
+    """Final weights: LoRA adapters (the base is named in args.json) or a full HF checkpoint."""
+    if lora_modules(model):
+        adapters = {k: v for k, v in model.state_dict().items() if "lora_" in k}
+        atomic_save_tensors(adapters, out / "adapter.safetensors")
+        if merge:
+            lm.save_pretrained(merge_lora(copy.deepcopy(model)), out / "merged")
+    else:
+        lm.save_pretrained(model, out)
+        if merge:  # a full run is already a Hugging Face checkpoint; merged/ is a copy for symmetry
+            lm.save_pretrained(model, out / "merged")
+    if merge:
+        tokenizer.save(out / "merged")
+    if user_model is not None:
+        prlhf.save_user_model(out, user_model, registry)
+    if reward_head is not None:
+        atomic_save_tensors(reward_head.state_dict(), out / "reward_head.safetensors")
+    tokenizer.save(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints for --resume: trainable tensors, AdamW state, RNG, data position. Written to a fresh
+# directory, then swapped in with renames, so a crash never leaves a half-written checkpoint.
+
+
+def rng_state() -> dict:
+    rng = {"rng.cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["rng.cuda"] = torch.cuda.get_rng_state()
+    return rng
+
+
+def save_checkpoint(out: Path, trainables: dict, opt: dict, scaler, state: dict, rng: dict):
+    """trainables: name -> full tensor; opt: optimizer.state_dict(), or the same gathered from FSDP shards."""
+    new, cur, old = out / "checkpoint.new", out / "checkpoint", out / "checkpoint.old"
+    shutil.rmtree(new, ignore_errors=True)
+    new.mkdir(parents=True)
+    atomic_save_tensors(trainables, new / "trainable.safetensors")
+    opt_tensors = {f"{i}.{k}": v for i, st in opt["state"].items() for k, v in st.items()}
+    opt_tensors.update(rng)
+    atomic_save_tensors(opt_tensors, new / "optimizer.safetensors")
+    atomic_write_json({**state, "param_groups": opt["param_groups"], "scaler": scaler.state_dict()},
+                      new / "state.json")
+    if cur.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(cur, old)
+    os.replace(new, cur)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(out: Path, trainables: dict, optimizer, scaler, dist) -> dict:
+    """Restore what save_checkpoint wrote into the trainables, optimizer, scaler and RNG; return the
+    data position. `dist` puts full tensors into this process's parameters (or FSDP shards)."""
+    ckpt = out / "checkpoint"
+    if not (ckpt / "state.json").is_file():
+        ckpt = out / "checkpoint.old"  # a crash between the two renames leaves the previous one here
+    if not (ckpt / "state.json").is_file():
+        raise FileNotFoundError(f"{out}: --resume but no checkpoint/ to resume from")
+    saved, state = read_tensors(ckpt / "trainable.safetensors"), read_json(ckpt / "state.json")
+    tensors = read_tensors(ckpt / "optimizer.safetensors")
+    if set(saved) != set(trainables):
+        raise ValueError(f"{ckpt}: checkpoint tensors do not match this configuration "
+                         f"(run with the same arguments as args.json)")
+    if not isinstance(state, dict) or "param_groups" not in state or "rng.cpu" not in tensors:
+        raise ValueError(f"{ckpt}: incomplete checkpoint (state.json or optimizer.safetensors lacks its fields)")
+    torch.set_rng_state(tensors.pop("rng.cpu"))
+    cuda_rng = tensors.pop("rng.cuda", None)
+    if cuda_rng is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_rng)
+    opt_state = {}
+    for key, v in tensors.items():
+        i, k = key.split(".", 1)
+        opt_state.setdefault(int(i), {})[k] = v
+    dist.load_full_state(trainables, optimizer, saved, {"state": opt_state, "param_groups": state.pop("param_groups")})
+    if state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
+    return state
