@@ -812,21 +812,57 @@ _SHORT = "The {x} is {a}."  # 4 words
 _LONG = "The {x} is {a}. There is much more to say about the {x} today."  # 14 words
 
 
-def _toy_example(rng: random.Random) -> tuple[str, str, str]:
-    """(prompt, short response, long response) about a random topic."""
+# The second toy task: one answer in three styles, told apart by one style word in its middle, all as
+# long as each other: a preference that is not about length. (With a second style word at the end, the
+# demo's P-DPO often answered "indeed ... forever": DPO can win a pair's margin at the second word by
+# making the rejected answer's own continuation unlikely, which leaves the first decision unlearned.)
+_STYLES = {
+    "formal": "The {x} is {a}, indeed, and the {x} remains {a}.",
+    "casual": "The {x} is {a}, like, and the {x} remains {a}.",
+    "poetic": "The {x} is {a}, alas, and the {x} remains {a}.",
+}
+TOY_KINDS = {"length": {"short": _SHORT, "long": _LONG}, "style": _STYLES}  # task -> answer kind -> template
+
+
+def _toy_example(rng: random.Random, task: str = "length") -> tuple[str, dict[str, str]]:
+    """(prompt, {answer kind: response}) about a random topic."""
     x, a = rng.choice(_NOUNS), rng.choice(_ADJECTIVES)
     prompt = rng.choice(_PROMPTS).format(x=x)
-    return prompt, _SHORT.format(x=x, a=a), _LONG.format(x=x, a=a)
+    return prompt, {kind: template.format(x=x, a=a) for kind, template in TOY_KINDS[task].items()}
 
 
-def _toy_pairs(rng: random.Random, users: dict[str, str], n_per_user: int, group: str | None) -> list[Pair]:
-    """`n_per_user` pairs per user, chosen by the user's preference; group=None labels each pair with it."""
+def toy_answer_kind(task: str, topic: str, response: str) -> str | None:
+    """Which kind of `task`'s answers `response` is, about `topic` (the x of "The {x} is ..."), with any
+    of the task's adjectives; None for anything else (a broken answer: empty, cut, repeated words)."""
+    for kind, template in TOY_KINDS[task].items():
+        pattern = re.escape(template).replace(re.escape("{x}"), re.escape(topic))
+        pattern = pattern.replace(re.escape("{a}"), r"(?P<a>\w+)", 1).replace(re.escape("{a}"), r"(?P=a)")
+        match = re.fullmatch(pattern, response.strip())
+        if match and match["a"] in _ADJECTIVES:
+            return kind
+    return None
+
+
+def toy_topic(answer: str) -> str:
+    """The x of a toy answer "The {x} is ..."."""
+    match = re.match(r"\s*The (\w+) is", answer)
+    if match is None:
+        raise ValueError(f"{answer!r}: not an answer of the toy tasks")
+    return match[1]
+
+
+def _toy_pairs(rng: random.Random, users: dict[str, str], n_per_user: int, group: str | None,
+               task: str = "length") -> list[Pair]:
+    """`n_per_user` pairs per user, chosen by the user's preference (rejected: another kind, drawn
+    when there are several); group=None labels each pair with the preferred kind."""
     pairs = []
     for user, prefers in users.items():
         for _ in range(n_per_user):
-            prompt, short, long = _toy_example(rng)
-            chosen, rejected = (long, short) if prefers == "long" else (short, long)
-            pairs.append(Pair(user, " " + prompt, " " + chosen, " " + rejected, group=group or prefers))
+            prompt, answers = _toy_example(rng, task)
+            others = [kind for kind in answers if kind != prefers]
+            rejected = others[0] if len(others) == 1 else rng.choice(others)
+            pairs.append(Pair(user, " " + prompt, " " + answers[prefers], " " + answers[rejected],
+                              group=group or prefers))
     return pairs
 
 
@@ -865,13 +901,56 @@ def make_toy_task(
     return train, valid
 
 
-def toy_corpus_texts(seed: int = 0, n_examples: int = 2000) -> list[str]:
+def _assign_shares(names: list[str], shares: dict[str, float], rng: random.Random) -> dict[str, str]:
+    """Users in random order, then round(share * n) of them per kind in the order given (the last
+    kind takes the rest)."""
+    order, out, start = rng.sample(names, len(names)), {}, 0
+    for i, (kind, share) in enumerate(shares.items()):
+        stop = len(names) if i == len(shares) - 1 else start + round(share * len(names))
+        out.update({name: kind for name in order[start:stop]})
+        start = stop
+    return dict(sorted(out.items()))
+
+
+STYLE_SHARES = {"formal": 0.5, "casual": 0.3, "poetic": 0.2}
+
+
+def make_style_task(
+    seed: int = 0,
+    n_users: int = 10,
+    shares: dict[str, float] = STYLE_SHARES,
+    pairs_per_user: int = 60,
+    n_valid_per_user: int = 20,
+    n_unseen_users: int = 4,
+) -> tuple[list[Pair], list[Pair]]:
+    """A second toy task, three groups of unequal size that want one answer in different styles.
+
+    "The kettle is warm, indeed, and the kettle remains warm." (formal, 50% of users), "..., like, ..."
+    (casual, 30%), "..., alas, ..." (poetic, 20%): every answer has 10 words, and the style word comes
+    after the opening. Each pair's rejected answer is one of the two other
+    styles. Known users user_01.. get exact shares (groups = their style); validation as make_toy_task,
+    with unseen users new_01.. (group "unseen") in the same proportions.
+    """
+    rng = random.Random(seed)
+    known = _assign_shares([f"user_{i:02d}" for i in range(1, n_users + 1)], shares, rng)
+    unseen = _assign_shares([f"new_{i:02d}" for i in range(1, n_unseen_users + 1)], shares, rng)
+    train = _toy_pairs(rng, known, pairs_per_user, group=None, task="style")
+    valid = _toy_pairs(rng, known, n_valid_per_user, group=None, task="style")
+    valid += _toy_pairs(rng, unseen, n_valid_per_user, group="unseen", task="style")
+    return train, valid
+
+
+TOY_TASKS = {"length": make_toy_task, "style": make_style_task}
+
+
+def toy_corpus_texts(seed: int = 0, n_examples: int = 2000, task: str = "length") -> list[str]:
     """Prompts and answers written like the toy task's (with leading spaces), plus every word once,
     to train the toy BPE tokenizer."""
     rng = random.Random(seed)
     texts = [" " + " ".join(_NOUNS + _ADJECTIVES)]
     for _ in range(n_examples):
-        texts.extend(" " + text for text in _toy_example(rng))
+        prompt, answers = _toy_example(rng, task)
+        texts.extend(" " + text for text in (prompt, *answers.values()))
     return texts
 
 

@@ -67,7 +67,8 @@ def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]
     denominator = 1 + z * z / n
     center = (p_hat + z * z / (2 * n)) / denominator
     half = z / denominator * math.sqrt(p_hat * (1 - p_hat) / n + z * z / (4 * n * n))
-    return max(0.0, center - half), min(1.0, center + half)
+    # the interval holds p_hat; rounding must not say otherwise (at n of n, center + half can be 1 - 1e-16)
+    return max(0.0, min(center - half, p_hat)), min(1.0, max(center + half, p_hat))
 
 
 def accuracy_table(records: list[dict], key: str) -> dict:
@@ -80,28 +81,49 @@ def accuracy_table(records: list[dict], key: str) -> dict:
     return table
 
 
-def length_table(generations: list[dict], key: str) -> dict:
-    """{value of `key`: mean_response_tokens, and samples / median / min / max of response_tokens}."""
-    lengths = {}
+def repeats_a_trigram(text: str) -> bool:
+    """Whether some word 3-gram occurs twice in `text` ("is is is", "the say about the say about")."""
+    words = text.split()
+    trigrams = list(zip(words, words[1:], words[2:]))
+    return len(set(trigrams)) < len(trigrams)
+
+
+def generation_quality(responses: list[str]) -> dict:
+    """Degeneration measures over a set of answers: share of empty answers, share with a repeated word
+    3-gram, and distinct-2 (distinct word bigrams / all word bigrams, over the whole set; 0 without any)."""
+    bigrams = [bigram for r in responses for bigram in zip(r.split(), r.split()[1:])]
+    n = max(1, len(responses))
+    return {"empty": sum(not r.strip() for r in responses) / n,
+            "repeated_3gram": sum(repeats_a_trigram(r) for r in responses) / n,
+            "distinct_2": len(set(bigrams)) / len(bigrams) if bigrams else 0.0}
+
+
+NO_GENERATIONS = {"mean_response_tokens": None, "response_tokens": None, "empty": None, "repeated_3gram": None,
+                  "distinct_2": None}
+
+
+def generation_table(generations: list[dict], key: str) -> dict:
+    """{value of `key`: mean_response_tokens, samples / median / min / max of response_tokens, and the
+    generation_quality measures (empty, repeated_3gram, distinct_2)}."""
+    by_key = {}
     for g in generations:
-        lengths.setdefault(str(g[key]), []).append(g["response_tokens"])
+        by_key.setdefault(str(g[key]), []).append(g)
     table = {}
-    for name, ls in sorted(lengths.items()):
-        ls = sorted(ls)
+    for name, gens in sorted(by_key.items()):
+        ls = sorted(g["response_tokens"] for g in gens)
         middle = len(ls) // 2
         median = ls[middle] if len(ls) % 2 else (ls[middle - 1] + ls[middle]) / 2
         table[name] = {"mean_response_tokens": sum(ls) / len(ls),
-                       "response_tokens": {"samples": len(ls), "median": median, "min": ls[0], "max": ls[-1]}}
+                       "response_tokens": {"samples": len(ls), "median": median, "min": ls[0], "max": ls[-1]},
+                       **generation_quality([g["response"] for g in gens])}
     return table
 
 
 def run_results(stage: str, records: list[dict], generations: list[dict]) -> dict:
     """One run's numbers: overall, known vs unseen users, per group, per user (accuracy and lengths)."""
-    no_length = {"mean_response_tokens": None, "response_tokens": None}
-
     def merged(key):
-        acc, lengths = accuracy_table(records, key), length_table(generations, key)
-        return {name: {**entry, **lengths.get(name, no_length)} for name, entry in acc.items()}
+        acc, gens = accuracy_table(records, key), generation_table(generations, key)
+        return {name: {**entry, **gens.get(name, NO_GENERATIONS)} for name, entry in acc.items()}
 
     out = {"stage": stage, "overall": merged("all")["all"], "status": merged("status"), "groups": {},
            "users": merged("user")}
@@ -305,8 +327,11 @@ def label(run: runs.Run, rows: list[dict]) -> list[dict]:
 
 @torch.no_grad()
 def generate_responses(model, user_model, registry, tokenizer, items, *, use_user_text=False, max_new_tokens=64,
-                       temperature=0.0, top_p=None, batch_size=32, seed=0, desc=None) -> list[dict]:
-    """Generate a response to each item's prompt as its user: [BOS] [e_u] [user text] [prompt] -> response."""
+                       temperature=0.0, top_p=None, batch_size=32, seed=0, desc=None, **constraints) -> list[dict]:
+    """Generate a response to each item's prompt as its user: [BOS] [e_u] [user text] [prompt] -> response.
+
+    constraints: repetition_penalty, no_repeat_ngram_size, min_new_tokens (model.constrain_logits), off
+    unless given."""
     generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
     out = []
     for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=desc is None, leave=False):
@@ -318,7 +343,7 @@ def generate_responses(model, user_model, registry, tokenizer, items, *, use_use
             rows = registry.rows([it.user for it in chunk]).to(model.tok_embeddings.weight.device)
             prefix = user_model(rows)  # (B, T_u, d)
         new = lm.generate(model, prompts, max_new_tokens, prefix_embeds=prefix, eos_token_id=tokenizer.eos_id,
-                          temperature=temperature, top_p=top_p, generator=generator)
+                          temperature=temperature, top_p=top_p, generator=generator, **constraints)
         for it, ids in zip(chunk, new):
             text_ids = ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids
             out.append({"user": it.user, "group": it.group, "prompt": tokenizer.decode(it.prompt_ids),
@@ -336,11 +361,12 @@ def sample_prompts(pairs: list[data.Pair], per_user: int, seed: int) -> list[dat
 
 
 def generate_for_run(run: runs.Run, pairs: list[data.Pair], *, max_new_tokens, temperature, top_p, batch_size,
-                     seed, desc=None) -> list[dict]:
+                     seed, constraints: dict, desc=None) -> list[dict]:
     """generate_responses as each pair's user: greedy when temperature == 0, else sampled (seeded)."""
     gens = generate_responses(run.model, run.user_model, run.registry, run.tokenizer, tokenize(run, pairs),
                               use_user_text=run.pdpo.use_user_text, max_new_tokens=max_new_tokens,
-                              temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed, desc=desc)
+                              temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed, desc=desc,
+                              **constraints)
     return label(run, gens)
 
 
@@ -374,6 +400,12 @@ def length_cell(entry: dict | None) -> str:
         return "-"
     t = entry["response_tokens"]
     return f"{entry['mean_response_tokens']:.1f} ({t['median']:g}; {t['min']}-{t['max']})"
+
+
+def quality_cell(entry: dict | None) -> str:
+    if entry is None or entry.get("empty") is None:
+        return "-"
+    return f"{entry['empty']:.0%} / {entry['repeated_3gram']:.0%} / {entry['distinct_2']:.2f}"
 
 
 def side_by_side(results: dict, section: str, first_columns, cell) -> str:
@@ -430,11 +462,17 @@ def length_section(results: dict, groups: dict, settings: str) -> list[str]:
     if all(r["overall"]["response_tokens"] is None for r in results.values()):
         return out + ["No generations.", ""]
     by_group = bool(next(iter(results.values()))["groups"])
+    section, first = ("groups", "group") if by_group else ("status", "users")
     return out + [settings, "", "Cells: mean (median; min-max) over the sampled prompts.", "",
-                  side_by_side(results, "groups" if by_group else "status",
-                               [("group" if by_group else "users", str)], length_cell), "",
+                  side_by_side(results, section, [(first, str)], length_cell), "",
                   side_by_side(results, "users", [("user", str), ("group", lambda n: groups.get(n, "-"))],
-                               length_cell), ""]
+                               length_cell), "",
+                  "### Generation quality", "",
+                  "Cells: empty answers / answers with a repeated word 3-gram / distinct-2 (distinct word "
+                  "bigrams over all bigrams of the group's answers).", "",
+                  side_by_side(results, section, [(first, str)], quality_cell), "",
+                  side_by_side(results, "users", [("user", str), ("group", lambda n: groups.get(n, "-"))],
+                               quality_cell), ""]
 
 
 def plots_section(plots: list[str] | None) -> list[str]:
@@ -489,6 +527,12 @@ def write_plots(results: dict, generations: dict, embeddings: dict, groups: dict
     return [save_figure(plt, fig, out / f"{name}.png") for name, fig in figures.items() if fig is not None]
 
 
+def error_bars(values: list[float], intervals: list) -> list[list[float]]:
+    """matplotlib's yerr (below, above) from intervals around the values; never negative."""
+    return [[max(0.0, v - lo) for v, (lo, _) in zip(values, intervals)],
+            [max(0.0, hi - v) for v, (_, hi) in zip(values, intervals)]]
+
+
 def plot_accuracy_per_user(plt, results: dict, groups: dict):
     """One bar per user and run, Wilson intervals as error bars, users ordered by group."""
     users = sorted({u for r in results.values() for u in r["users"]}, key=lambda u: (groups.get(u, ""), u))
@@ -498,8 +542,7 @@ def plot_accuracy_per_user(plt, results: dict, groups: dict):
         xs = [j + i * width for j, u in enumerate(users) if u in r["users"]]
         entries = [r["users"][u] for u in users if u in r["users"]]
         acc = [e["accuracy"] for e in entries]
-        err = [[a - e["ci95"][0] for a, e in zip(acc, entries)], [e["ci95"][1] - a for a, e in zip(acc, entries)]]
-        ax.bar(xs, acc, width, yerr=err, capsize=2, label=name)
+        ax.bar(xs, acc, width, yerr=error_bars(acc, [e["ci95"] for e in entries]), capsize=2, label=name)
     ax.axhline(0.5, color="gray", lw=0.8, ls="--")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(users))],
                   [f"{u}\n{groups.get(u, '')}" for u in users], rotation=60, fontsize=7)
@@ -563,10 +606,14 @@ def save_figure(plt, fig, file: Path) -> str:
 # Evaluating runs end to end (the default command)
 
 
+CONSTRAINTS_OFF = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
+
+
 def evaluate_runs(run_dirs: list[str], data_file, *, out=None, reference: str | None = None,
                   samples_per_user: int = 4, max_new_tokens: int = 64, temperature: float = 0.0,
                   top_p: float | None = None, batch_size: int = 16, seed: int = 0, device: str = "auto",
-                  dtype: str = "fp32", quiet: bool = False) -> dict:
+                  dtype: str = "fp32", quiet: bool = False, repetition_penalty: float = 1.0,
+                  no_repeat_ngram_size: int = 0, min_new_tokens: int = 0) -> dict:
     """Score and sample every run on the same data; write report.md, results.json, generations.jsonl and
     plots into `out` (default: the first run's directory). Returns results.json's content.
 
@@ -576,8 +623,10 @@ def evaluate_runs(run_dirs: list[str], data_file, *, out=None, reference: str | 
     pairs = read_data(data_file)
     out = Path(out) if out else paths[0]
     out.mkdir(parents=True, exist_ok=True)
+    constraints = {k: v for k, v in dict(repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
+                                         no_repeat_ngram_size=no_repeat_ngram_size).items() if v != CONSTRAINTS_OFF[k]}
     generate = dict(pairs=sample_prompts(pairs, samples_per_user, seed), max_new_tokens=max_new_tokens,
-                    temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed)
+                    temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed, constraints=constraints)
     results, generations, embeddings, notes = {}, {}, {}, []
     for i, (name, path) in enumerate(zip(run_names(paths), paths)):
         results[name], generations[name], embeddings[name], run_notes = evaluate_run(
@@ -586,7 +635,11 @@ def evaluate_runs(run_dirs: list[str], data_file, *, out=None, reference: str | 
         notes += run_notes
     settings = (f"{samples_per_user} prompts per user (seed {seed}), "
                 + ("greedy" if temperature == 0 else f"sampled at temperature {temperature}, top-p {top_p}")
-                + f", at most {max_new_tokens} new tokens.")
+                + f", at most {max_new_tokens} new tokens; "
+                + (f"constraints that hide degeneration: {constraints}." if constraints else "no generation constraints."))
+    for r in results.values():
+        r["generation"] = {"samples_per_user": samples_per_user, "max_new_tokens": max_new_tokens,
+                           "temperature": temperature, "top_p": top_p, "constraints": constraints}
     runs.atomic_write_json(results, out / "results.json")
     with open(out / "generations.jsonl", "w") as f:
         f.writelines(json.dumps(g) + "\n" for gens in generations.values() for g in gens)
@@ -618,12 +671,15 @@ def print_summary(results: dict, out: Path):
     first = next(iter(results.values()))
     section = "groups" if first["groups"] else "status"
     print(f"\n{'run':<14}{'group' if section == 'groups' else 'users':<12}{'pairs':>6}{'accuracy':>10}"
-          f"{'95% Wilson':>16}{'response tokens':>17}")
+          f"{'95% Wilson':>16}{'resp. tokens':>14}{'empty':>7}{'rep-3g':>8}{'dist-2':>8}")
     for name, r in results.items():
         for g, e in r[section].items():
             lo, hi = e["ci95"]
-            tokens = "-" if e["mean_response_tokens"] is None else f"{e['mean_response_tokens']:.1f}"
-            print(f"{name:<14}{g:<12}{e['pairs']:>6}{e['accuracy']:>10.3f}{f'[{lo:.2f}, {hi:.2f}]':>16}{tokens:>17}")
+            gen = ["-"] * 4 if e["mean_response_tokens"] is None else [
+                f"{e['mean_response_tokens']:.1f}", f"{e['empty']:.0%}", f"{e['repeated_3gram']:.0%}",
+                f"{e['distinct_2']:.2f}"]
+            print(f"{name:<14}{g:<12}{e['pairs']:>6}{e['accuracy']:>10.3f}{f'[{lo:.2f}, {hi:.2f}]':>16}"
+                  f"{gen[0]:>14}{gen[1]:>7}{gen[2]:>8}{gen[3]:>8}")
     print(f"\nwrote {out}/report.md, results.json, generations.jsonl")
 
 
@@ -813,8 +869,7 @@ def plot_curve(points: list[dict], name: str, file: Path) -> bool:
     fig, ax = plt.subplots(figsize=(5, 3.5))
     xs = [max(p["fit_pairs"], 0.5) for p in points]  # k = 0 (generic e_0) drawn at 0.5 on the log axis
     acc = [p["accuracy"] for p in points]
-    ax.errorbar(xs, acc, yerr=[[a - p["ci95"][0] for a, p in zip(acc, points)],
-                               [p["ci95"][1] - a for a, p in zip(acc, points)]], marker="o", capsize=3)
+    ax.errorbar(xs, acc, yerr=error_bars(acc, [p["ci95"] for p in points]), marker="o", capsize=3)
     ax.set_xscale("log")
     ax.set_xticks(xs, ["e_0"] + [str(p["fit_pairs"]) for p in points[1:]])
     ax.set_xlabel("pairs the new user's row was fitted on")
@@ -895,6 +950,12 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, with --temperature > 0")
     p.add_argument("--batch-size", type=int, default=16,
                    help="pairs per scoring batch, prompts per generation batch (default: %(default)s)")
+    hides = "hides degeneration; off by default, and the report says when used"
+    p.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help=f"divide the logits of tokens already in the row by this (> 1 penalizes; {hides})")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                   help=f"forbid repeating any n-gram of this size (0 = off; {hides})")
+    p.add_argument("--min-new-tokens", type=int, default=0, help=f"forbid EOS before this many new tokens ({hides})")
     p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the loaded weights")
     common_flags(p)
     return p
@@ -971,7 +1032,9 @@ def main(argv=None):
             results = evaluate_runs(run_dirs, args.data, out=args.out, reference=args.reference,
                                     samples_per_user=args.samples_per_user, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-                                    seed=args.seed, device=args.device, dtype=args.dtype, quiet=args.quiet)
+                                    seed=args.seed, device=args.device, dtype=args.dtype, quiet=args.quiet,
+                                    repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens,
+                                    no_repeat_ngram_size=args.no_repeat_ngram_size)
             print_summary(results, Path(args.out or args.run))
     except (data.DataError, ValueError, FileNotFoundError) as e:
         runs.fail(str(e))

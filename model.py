@@ -587,15 +587,42 @@ def sample_next(logits: torch.Tensor, temperature: float, top_k: int | None, top
 
 
 @torch.no_grad()
+def constrain_logits(logits: torch.Tensor, histories: list[list[int]], forbid_eos: bool, eos: set,
+                     repetition_penalty: float, no_repeat_ngram_size: int) -> torch.Tensor:
+    """Hugging Face's generation constraints, which hide a model's degeneration rather than measure it
+    (the paper's authors' generation code sets them). histories: each row's prompt + new tokens so far.
+
+    repetition_penalty p: the logit of every token already in the row is divided by p if positive,
+    multiplied by p if not. no_repeat_ngram_size n: a token that would repeat an n-gram of the row gets
+    -inf. forbid_eos (before min_new_tokens): EOS gets -inf.
+    """
+    logits = logits.clone()  # (B, vocab)
+    n = no_repeat_ngram_size
+    for b, seq in enumerate(histories):
+        if repetition_penalty != 1.0 and seq:
+            seen = torch.tensor(sorted(set(seq)), device=logits.device)
+            scores = logits[b, seen]
+            logits[b, seen] = torch.where(scores > 0, scores / repetition_penalty, scores * repetition_penalty)
+        if n and len(seq) >= n:
+            last = tuple(seq[len(seq) - n + 1:])  # the n - 1 tokens a new token would complete an n-gram with
+            banned = {seq[i + n - 1] for i in range(len(seq) - n + 1) if tuple(seq[i:i + n - 1]) == last}
+            logits[b, sorted(banned)] = -float("inf")
+    if forbid_eos and eos:
+        logits[:, sorted(eos)] = -float("inf")
+    return logits
+
+
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, *,
              prefix_embeds: torch.Tensor | None = None, eos_token_id: int | list | None = None,
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
-             generator: torch.Generator | None = None) -> list[list[int]]:
+             generator: torch.Generator | None = None, repetition_penalty: float = 1.0,
+             no_repeat_ngram_size: int = 0, min_new_tokens: int = 0) -> list[list[int]]:
     """Continue each prompt (token ids, starting with BOS) and return the new tokens per prompt.
 
     prefix_embeds (B, T_u, d) is a soft prefix placed right after each prompt's first token
     (the personalized LM's [BOS] [e_u] [prompt] layout). Prompts of different lengths are left-padded;
-    a row stops at EOS (which it keeps) or after max_new_tokens.
+    a row stops at EOS (which it keeps) or after max_new_tokens. repetition_penalty,
+    no_repeat_ngram_size and min_new_tokens are off by default (see constrain_logits).
     """
     cfg, device = model.config, model.tok_embeddings.weight.device
     B, n_prefix = len(prompts), 0 if prefix_embeds is None else prefix_embeds.shape[1]
@@ -616,6 +643,9 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int, 
     hidden = model(inputs_embeds=x, attention_mask=mask[:, :T0], cache=cache, return_hidden=True)
     for step in range(max_new_tokens):
         logits = model.output(hidden[:, -1])  # (B, vocab)
+        if repetition_penalty != 1.0 or no_repeat_ngram_size or step < min_new_tokens:
+            logits = constrain_logits(logits, [p + o for p, o in zip(prompts, out)], step < min_new_tokens, eos,
+                                      repetition_penalty, no_repeat_ngram_size)
         token = sample_next(logits, temperature, top_k, top_p, generator)
         for b in torch.nonzero(~done).flatten().tolist():
             out[b].append(token[b].item())

@@ -16,6 +16,7 @@ Equation -> function:
     per-pair loss of h: DPO, conservative DPO, IPO                  preference_loss
     alpha * l(e_u) + (1 - alpha) * l(e_0)                           mix_terms
     P-DPO, eq. (pdpo), and its P-cDPO / P-IPO variants              pdpo_loss
+    + lambda * NLL on y_w, mixed by alpha (beyond the paper)        nll_loss (pdpo_loss's nll_weight)
     r(x, y, u) = beta * (log pi(y|x,u) - log pi_ref(y|x))           pdpo_loss (chosen_rewards, ...)
     reward model r_phi(x, y, u) at the last response token         RewardHead, personalized_rewards
     P-RM: -log sigmoid(r(x,y_w,u) - r(x,y_l,u)), mixed by alpha    prm_loss
@@ -446,6 +447,8 @@ class PDPOConfig:
     label_smoothing: float = option(0.1, "epsilon of conservative DPO (--loss cdpo only)")
     generic_sampling: bool = option(False, "each pair takes its personalized term with prob. alpha, else its "
                                     "generic term: an unbiased estimate of eq. (pdpo) at vanilla-DPO cost")
+    nll_weight: float = option(0.0, "lambda, weight of an NLL term on the chosen responses, mixed by alpha like "
+                               "eq. (pdpo) (beyond the paper: keeps generations fluent; 0 = the paper's loss)")
 
     def __post_init__(self):
         if self.user_model not in USER_MODEL_KINDS:
@@ -461,6 +464,8 @@ class PDPOConfig:
             raise ValueError(f"--alpha {self.alpha}: the weight of the personalized term must lie in [0, 1]")
         if not (self.beta > 0 and math.isfinite(self.beta)):
             raise ValueError(f"--beta {self.beta}: must be a positive number")
+        if not (self.nll_weight >= 0 and math.isfinite(self.nll_weight)):
+            raise ValueError(f"--nll-weight {self.nll_weight}: lambda must be a number >= 0")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"--label-smoothing {self.label_smoothing}: must lie in [0, 0.5)")
         if self.user_info == "explicit" and (self.user_model != "uniform" or self.alpha < 1):
@@ -547,17 +552,37 @@ def check_alpha_terms(alpha: float, personalized, generic, what: str) -> None:
                          f"(computed by the same call with the same alpha)")
 
 
+def nll_loss(policy_chosen_logps, generic_chosen_logps, chosen_tokens, *, alpha: float) -> torch.Tensor:
+    """The NLL term on the chosen responses, per pair (inputs (B,)), mixed by alpha as eq. (pdpo) mixes:
+
+        L_NLL = alpha * (-log pi(y_w|x,e_u) / |y_w|) + (1 - alpha) * (-log pi(y_w|x,e_0) / |y_w|)
+
+    chosen_tokens = |y_w|, the response tokens scored (ones when the log-probs are already per-token
+    means, as for IPO). Beyond the paper: DPO only asks y_w to gain on y_l, and both can lose
+    likelihood together ("likelihood displacement"); a free user embedding does this readily, and the
+    personalized model's generations degrade (empty or repetitive answers) while its pair accuracy
+    stays perfect. Keeping y_w likely is the standard remedy: RPO (Pang et al. 2024, "Iterative Reasoning
+    Preference Optimization"), TRL's "sft" loss term, LLaMA-Factory's pref_ftx, OpenRLHF's nll_loss_coef.
+    """
+    def nll(chosen_logps):
+        return None if chosen_logps is None else -chosen_logps / chosen_tokens
+    return mix_terms(nll(policy_chosen_logps), nll(generic_chosen_logps), alpha)
+
+
 def pdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
               generic_chosen_logps=None, generic_rejected_logps=None, *, alpha: float, beta: float,
-              loss_type: str = "dpo", label_smoothing: float = 0.0) -> dict:
+              loss_type: str = "dpo", label_smoothing: float = 0.0, nll_weight: float = 0.0,
+              chosen_tokens: torch.Tensor | None = None) -> dict:
     """P-DPO, eq. (pdpo), per pair (all inputs (B,)):
 
         L = -[ alpha * log sigmoid(h(e_u)) + (1 - alpha) * log sigmoid(h(e_0)) ]
         h(e) = beta * [ (log pi(y_w|x,e) - log pi_ref(y_w|x)) - (log pi(y_l|x,e) - log pi_ref(y_l|x)) ]
 
     with -log sigmoid replaced by the cDPO or IPO per-pair loss for loss_type "cdpo" / "ipo" (label_smoothing
-    is cDPO's eps and is used by "cdpo" only). Both terms
-    share the reference log-probs. Returns (B,) tensors: losses (differentiable; take .mean()), and,
+    is cDPO's eps and is used by "cdpo" only). Both terms share the reference log-probs. With
+    nll_weight = lambda > 0 the loss is L + lambda * L_NLL (nll_loss, beyond the paper; chosen_tokens
+    = |y_w| per pair). Returns (B,) tensors: losses (differentiable; take .mean()), nll (L_NLL, detached,
+    None when lambda = 0), and,
     detached, the implicit rewards r(x, y, u) = beta * (log pi(y|x,u) - log pi_ref(y|x)) chosen_rewards,
     rejected_rewards, accuracies (chosen_reward > rejected_reward), and the generic term's
     generic_chosen_rewards, generic_rejected_rewards, generic_accuracies. A term not given is None.
@@ -579,7 +604,13 @@ def pdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     losses, chosen_rewards, rejected_rewards = term(policy_chosen_logps, policy_rejected_logps)
     generic_losses, generic_chosen_rewards, generic_rejected_rewards = term(generic_chosen_logps,
                                                                             generic_rejected_logps)
-    return {"losses": mix_terms(losses, generic_losses, alpha),
+    losses, nll = mix_terms(losses, generic_losses, alpha), None
+    if nll_weight > 0:
+        if chosen_tokens is None:
+            raise ValueError("nll_weight > 0 needs chosen_tokens, the number of response tokens of each y_w")
+        nll = nll_loss(policy_chosen_logps, generic_chosen_logps, chosen_tokens, alpha=alpha)
+        losses = losses + nll_weight * nll
+    return {"losses": losses, "nll": None if nll is None else nll.detach(),
             "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
             "accuracies": accuracy(chosen_rewards, rejected_rewards),
             "generic_chosen_rewards": generic_chosen_rewards, "generic_rejected_rewards": generic_rejected_rewards,
@@ -609,9 +640,12 @@ def pdpo_step(model, user_model, batch: dict, reference, cfg: PDPOConfig) -> dic
         alpha = 1.0
     policy = policy_logps(model, user_model, batch, alpha, average=cfg.average_logps)
     reference_chosen_logps, reference_rejected_logps = reference(batch)
+    B = batch["user_rows"].shape[0]
+    chosen_tokens = batch["policy_response_mask"][:B].sum(-1)  # (B,): |y_w|, the chosen rows come first
     return pdpo_loss(**policy, reference_chosen_logps=reference_chosen_logps,
                      reference_rejected_logps=reference_rejected_logps, alpha=alpha, beta=cfg.beta,
-                     loss_type=cfg.loss, label_smoothing=cfg.label_smoothing)
+                     loss_type=cfg.loss, label_smoothing=cfg.label_smoothing, nll_weight=cfg.nll_weight,
+                     chosen_tokens=torch.ones_like(chosen_tokens) if cfg.average_logps else chosen_tokens)
 
 
 # ----------------------------------------------------------------------------------------------

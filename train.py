@@ -45,6 +45,27 @@ from prlhf import option
 # prlhf.PDPOConfig (--user-model, --alpha, --beta, --loss, ...), checked before anything is loaded.
 
 
+EXAMPLES = {"toy": "length", "toy-style": "style"}  # --example -> data.TOY_TASKS
+
+# Named recipes: flag values for a kind of run, per stage; flags given explicitly override them. The paper's
+# values stay the defaults. "tiny" is for tiny models trained from scratch (the demo's two toy tasks): beta 2
+# and two epochs, since past that DPO's margins keep growing by making *both* answers unlikely; user
+# embeddings near zero (uniform, r = 0.05), since a random vocabulary row would be read by such a model as a
+# word of the prompt; and an NLL term on the chosen answers (lambda = 1), so the answers stay fluent.
+RECIPES = {"tiny": {
+    "sft": dict(lr=3e-3, warmup_steps=10, epochs=10.0, batch_size=16, grad_accum=1),
+    "pdpo": dict(beta=2.0, lr=1e-3, user_lr=3e-3, warmup_steps=10, epochs=2.0, batch_size=8, grad_accum=1,
+                 user_init="uniform", user_init_range=0.05, nll_weight=1.0),
+}}
+RECIPES["tiny"]["prm"] = {k: v for k, v in RECIPES["tiny"]["pdpo"].items() if k not in ("beta", "nll_weight")}
+
+
+def recipe_help() -> str:
+    return "; ".join(f"{name}: " + ", ".join(f"{stage} " + " ".join(f"--{k.replace('_', '-')} {v}" for k, v in values.items())
+                                             for stage, values in stages.items())
+                     for name, stages in RECIPES.items())
+
+
 @dataclass
 class TrainConfig(prlhf.PDPOConfig):
     stage: str = option("pdpo", "sft: next-token loss on responses; pdpo: P-DPO family; prm: personalized reward model",
@@ -88,8 +109,17 @@ class TrainConfig(prlhf.PDPOConfig):
     resume: bool = option(False, "continue the run in --out from its checkpoint")
     merge: bool = option(False, "also write merged/: a Hugging Face checkpoint")
     quiet: bool = option(False, "no progress bar")
-    example: str = option("none", "run a built-in example end to end instead (toy: the demo, also what "
-                          "`python train.py` alone runs; with --seed, --out, --quiet)", choices=["none", "toy"])
+    recipe: str = option("none", "named flag values for a kind of run, per stage (given flags override them): "
+                         + recipe_help(), choices=["none", *RECIPES])
+    example: str = option("none", "run a built-in example end to end instead: toy, the demo of conflicting length "
+                          "preferences (what `python train.py` alone runs); toy-style, three groups who want "
+                          "different styles; with --seed, --out, --quiet", choices=["none", *EXAMPLES])
+
+    @classmethod
+    def from_recipe(cls, **fields) -> "TrainConfig":
+        """A config from --recipe's values for its stage, overridden by `fields` (as parse_args does)."""
+        recipe = RECIPES.get(fields.get("recipe", "none"), {})
+        return cls(**{**recipe.get(fields.get("stage", "pdpo"), {}), **fields})
 
     def __post_init__(self):
         super().__post_init__()
@@ -114,6 +144,10 @@ def parse_args(argv=None) -> TrainConfig:
         pass  # the docstring as written, and each flag's default
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=Formatter)
+    recipe_flags = argparse.ArgumentParser(add_help=False)  # --recipe and --stage first: they set defaults
+    recipe_flags.add_argument("--recipe", default="none", choices=["none", *RECIPES])
+    recipe_flags.add_argument("--stage", default="pdpo")
+    known, _ = recipe_flags.parse_known_args(argv)
     objective = {f.name for f in dataclasses.fields(prlhf.PDPOConfig)}
     groups = {False: p.add_argument_group("run, data, optimisation, precision"),
               True: p.add_argument_group("user model and objective (prlhf.PDPOConfig, PAPER.md)")}
@@ -124,6 +158,7 @@ def parse_args(argv=None) -> TrainConfig:
             group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=meta["help"])
         else:
             group.add_argument(flag, type=type(f.default), default=f.default, **meta)
+    p.set_defaults(**RECIPES.get(known.recipe, {}).get(known.stage, {}))
     try:
         return TrainConfig(**vars(p.parse_args(argv)))
     except ValueError as e:
@@ -173,7 +208,10 @@ def pdpo_batch_loss(cfg, model, user_model, batch, reference):
     out = prlhf.pdpo_step(model, user_model, batch, reference, cfg)
     term = "" if out["accuracies"] is not None else "generic_"  # alpha = 0 trains e_0 alone: report its term
     margin = (out[f"{term}chosen_rewards"] - out[f"{term}rejected_rewards"]).mean()
-    return out["losses"].mean(), {"accuracy": out[f"{term}accuracies"].mean().item(), "margin": margin.item()}
+    metrics = {"accuracy": out[f"{term}accuracies"].mean().item(), "margin": margin.item()}
+    if out["nll"] is not None:  # --nll-weight > 0: the NLL term's value, per token of y_w
+        metrics["nll"] = out["nll"].mean().item()
+    return out["losses"].mean(), metrics
 
 
 def prm_batch_loss(cfg, model, user_model, head, batch):
@@ -485,80 +523,100 @@ def train(cfg: TrainConfig) -> dict:
 # The built-in demo (`python train.py` with no arguments)
 
 
-DEMO = dict(seed=0, out="runs/demo", n_users=10, pairs_per_user=60, vocab_size=768, model=lm.TINY_LLAMA)
+DEMO = dict(seed=0, out="runs/demo", task="length", vocab_size=768, model=lm.TINY_LLAMA)
+TASK_NOTES = {"length": "70% prefer long answers, 30% short", "style": "50% formal, 30% casual, 20% poetic"}
 
 
-def demo(seed: int = DEMO["seed"], out: str = DEMO["out"], quiet: bool = False) -> dict:
-    """The paper's first experiment in miniature, on a CPU: conflicting length preferences.
+def demo(seed: int = DEMO["seed"], out: str = DEMO["out"], quiet: bool = False, task: str = DEMO["task"]) -> dict:
+    """The paper's first experiment in miniature, on a CPU: conflicting preferences.
 
-    70% of known users prefer long answers, 30% short (data.make_toy_task). A tiny LLaMA-style model
-    is fine-tuned on both kinds of answer (SFT), then trained from that SFT model with vanilla DPO
-    (uniform user model without embedding, alpha = 1) and with P-DPO (individual user model,
-    alpha = 0.5). Both are evaluated on held-out pairs of known and unseen users.
+    task "length": 70% of known users prefer long answers, 30% short (data.make_toy_task); "style":
+    three groups of 50/30/20% want the same answer in different styles (data.make_style_task). A tiny
+    LLaMA-style model is fine-tuned on every kind of answer (SFT), then trained from that SFT model with
+    vanilla DPO (uniform user model without embedding, alpha = 1) and with P-DPO (individual user model,
+    alpha = 0.5), both with --recipe tiny. Both are evaluated on held-out pairs of known and unseen
+    users, and generate a greedy answer to a quarter of the held-out prompts, as each pair's user.
     """
     t0 = time.perf_counter()
     # tiny matrices: one thread beats two, and does not collapse when another process wants a core
     torch.set_num_threads(1)
     out = Path(out)
     data_dir, base = out / "data", out / "base"
-    train_pairs, valid_pairs = data.make_toy_task(seed=seed, n_users=DEMO["n_users"],
-                                                  pairs_per_user=DEMO["pairs_per_user"])
+    train_pairs, valid_pairs = data.TOY_TASKS[task](seed=seed)
     data.write_pairs(data_dir / "train.jsonl", train_pairs)
     data.write_pairs(data_dir / "valid.jsonl", valid_pairs)
-    tokenizer = data.train_bpe_tokenizer(data.toy_corpus_texts(seed), DEMO["vocab_size"], out_dir=base)
+    tokenizer = data.train_bpe_tokenizer(data.toy_corpus_texts(seed, task=task), DEMO["vocab_size"], out_dir=base)
     cfg = lm.ModelConfig(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                          eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, **DEMO["model"])
     lm.save_pretrained(lm.build_model(cfg, seed=seed), base)
-    common = dict(data=str(data_dir / "train.jsonl"), seed=seed, quiet=quiet, max_length=96, max_prompt_length=32)
-    print(f"demo: {len(train_pairs)} training pairs from {DEMO['n_users']} users (70% prefer long, 30% short); "
-          f"tiny LLaMA with {sum(p.numel() for p in lm.build_model(cfg).parameters()):,} parameters")
-    train(TrainConfig(stage="sft", model=str(base), out=str(out / "sft"), sft_on="both", lr=3e-3,
-                      warmup_steps=10, epochs=10, batch_size=16, grad_accum=1, **common))
-    # beta = 2 and two epochs: past that, DPO's margins keep growing by making *both* answers unlikely,
-    # and a tiny model's text degrades. User embeddings start near zero (uniform, r = 0.05): a random
-    # vocabulary row would be read by this model as a word of the prompt.
-    dpo = dict(stage="pdpo", model=str(out / "sft"), valid=str(data_dir / "valid.jsonl"), beta=2.0, lr=5e-4,
-               user_lr=3e-3, warmup_steps=10, epochs=2, batch_size=8, grad_accum=1, **common)
-    train(TrainConfig(out=str(out / "dpo"), user_model="uniform", n_user_tokens=0, alpha=1.0, **dpo))
-    train(TrainConfig(out=str(out / "pdpo"), user_model="individual", n_user_tokens=1, alpha=0.5,
-                      user_init="uniform", user_init_range=0.05, **dpo))
-    results = {}
-    for method in ("dpo", "pdpo"):
-        run = runs.load_run(out / method)
-        items, _ = data.tokenize_pairs(valid_pairs, run.tokenizer, 96, 32)
-        summary = json.loads((out / method / "eval.json").read_text())["groups"]
-        gens = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items[::4],
-                                  max_new_tokens=40, desc=None if quiet else f"generating ({method})")
-        results[method] = {"groups": {}}
-        for group, s in summary.items():
-            lengths = [g["response_tokens"] for g in gens if g["group"] == group]
-            results[method]["groups"][group] = {"accuracy": s["accuracy"], "pairs": s["pairs"],
-                                                "mean_response_tokens": sum(lengths) / max(1, len(lengths))}
-        with open(out / method / "generations.jsonl", "w") as f:
-            f.writelines(json.dumps(g) + "\n" for g in gens)
+    common = dict(data=str(data_dir / "train.jsonl"), seed=seed, quiet=quiet, max_length=96, max_prompt_length=32,
+                  recipe="tiny")
+    n_users = len({p.user for p in train_pairs})
+    print(f"demo ({task}): {len(train_pairs)} training pairs from {n_users} users ({TASK_NOTES[task]}); "
+          f"tiny LLaMA with {sum(p.numel() for p in lm.build_model(cfg).parameters()):,} parameters; --recipe tiny")
+    train(TrainConfig.from_recipe(stage="sft", model=str(base), out=str(out / "sft"), sft_on="both", **common))
+    preference = dict(stage="pdpo", model=str(out / "sft"), valid=str(data_dir / "valid.jsonl"), **common)
+    train(TrainConfig.from_recipe(out=str(out / "dpo"), **prlhf.VANILLA_DPO, **preference))
+    train(TrainConfig.from_recipe(out=str(out / "pdpo"), user_model="individual", n_user_tokens=1, alpha=0.5,
+                                  **preference))
+    results = {method: demo_results(out / method, valid_pairs, task, quiet) for method in ("dpo", "pdpo")}
     runs.atomic_write_json(results, out / "results.json")
     print_demo_table(results)
     for method in ("dpo", "pdpo"):  # a few answers to read, one per group
         gens = [json.loads(line) for line in open(out / method / "generations.jsonl")]
-        for group in ("long", "short", "unseen"):
+        for group in dict.fromkeys(g["group"] for g in gens):
             g = next(g for g in gens if g["group"] == group)
             print(f"{method:<5} {g['user']} ({group}): {g['prompt'].strip()} ->{g['response']}")
     print(f"wrote {out}/results.json and runs sft, dpo, pdpo in {time.perf_counter() - t0:.0f} s")
     return results
 
 
+def demo_results(run_dir: Path, valid_pairs: list, task: str, quiet: bool) -> dict:
+    """Accuracy per group (eval.json), and the greedy answers to every 4th held-out prompt, each sorted
+    into a kind of the task's answers (data.toy_answer_kind) or "broken": "answers as preferred" is the
+    share of known users' answers of their own kind; "clean" the share of all answers of some kind."""
+    run = runs.load_run(run_dir)
+    items, _ = data.tokenize_pairs(valid_pairs, run.tokenizer, 96, 32)
+    gens = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items[::4],
+                                         max_new_tokens=40, desc=None if quiet else f"generating ({run_dir.name})")
+    for g, item in zip(gens, items[::4]):
+        topic = data.toy_topic(valid_pairs[item.index].chosen)
+        g["kind"] = data.toy_answer_kind(task, topic, g["response"]) or "broken"
+        g["as_preferred"] = None if g["group"] == "unseen" else g["kind"] == g["group"]
+    with open(run_dir / "generations.jsonl", "w") as f:
+        f.writelines(json.dumps(g) + "\n" for g in gens)
+    summary = json.loads((run_dir / "eval.json").read_text())["groups"]
+    groups = {}
+    for group, s in summary.items():
+        mine = [g for g in gens if g["group"] == group]
+        known = [g["as_preferred"] for g in mine if g["as_preferred"] is not None]
+        groups[group] = {"accuracy": s["accuracy"], "pairs": s["pairs"],
+                         "mean_response_tokens": sum(g["response_tokens"] for g in mine) / max(1, len(mine)),
+                         "answers_as_preferred": sum(known) / len(known) if known else None,
+                         **evaluation.generation_quality([g["response"] for g in mine])}
+    clean = sum(g["kind"] != "broken" for g in gens)
+    return {"groups": groups, "clean_answers": clean / len(gens), "answers": len(gens)}
+
+
 def print_demo_table(results: dict):
-    print(f"\n{'method':<8}{'group':<10}{'pairs':>6}{'accuracy':>10}{'response tokens':>17}")
+    print(f"\n{'method':<8}{'group':<10}{'pairs':>6}{'accuracy':>10}{'response tokens':>17}{'answers as preferred':>22}")
     for method, r in results.items():
         for group, s in r["groups"].items():
-            print(f"{method:<8}{group:<10}{s['pairs']:>6}{s['accuracy']:>10.3f}{s['mean_response_tokens']:>17.1f}")
+            preferred = "-" if s["answers_as_preferred"] is None else f"{s['answers_as_preferred']:.3f}"
+            print(f"{method:<8}{group:<10}{s['pairs']:>6}{s['accuracy']:>10.3f}{s['mean_response_tokens']:>17.1f}"
+                  f"{preferred:>22}")
+    for method, r in results.items():
+        print(f"{method}: clean answers (exactly one of the task's answers) {r['clean_answers']:.3f} "
+              f"of {r['answers']} prompts")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
-    if not argv or cfg.example == "toy":  # the built-in example
-        return demo(seed=cfg.seed, out=cfg.out or DEMO["out"], quiet=cfg.quiet)
+    if not argv or cfg.example != "none":  # a built-in example
+        task = EXAMPLES.get(cfg.example, DEMO["task"])
+        return demo(seed=cfg.seed, out=cfg.out or f"runs/demo{'' if task == 'length' else '-' + task}",
+                    quiet=cfg.quiet, task=task)
     for name in ("model", "data", "out"):
         if not getattr(cfg, name):
             runs.fail(f"--{name} is required (or run `python train.py` with no arguments for the demo)")

@@ -148,3 +148,12 @@ def test_cuda_is_chosen_when_present():
 
     assert common.pick_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert common.pick_device("cpu") == "cpu"
+
+
+def test_toy_seeds_one_run(capsys, tmp_path):
+    import toy_seeds
+
+    figures = toy_seeds.main(["--tasks", "length", "--seeds", "0", "--workdir", str(tmp_path)])
+    assert last_json(capsys)["length"]["seeds"] == [0]
+    assert set(figures["length"]["checks"][0]) == {"pdpo_accuracy", "pdpo_as_preferred", "pdpo_clean",
+                                                   "dpo_fails_minority"}

@@ -93,12 +93,47 @@ def record(user, group, margin, status="known"):
     return {"user": user, "group": group, "margin": margin, "correct": margin > 0, "status": status, "all": "all"}
 
 
+def test_wilson_interval_holds_a_perfect_or_zero_score():
+    """At n of n, center + half used to round to 1 - 1e-16 (n = 10, 13, 25, ...): a negative error bar."""
+    for n in range(1, 400):
+        assert E.wilson_interval(n, n)[1] >= 1.0 and E.wilson_interval(0, n)[0] <= 0.0, n
+        lo, hi = E.wilson_interval(n // 3, n)
+        assert lo <= (n // 3) / n <= hi, n
+
+
+def test_a_perfect_group_gets_its_plot(tmp_path):
+    """The crash this guards against: `'yerr' must not contain negative values` for a group at 1.0."""
+    pytest.importorskip("matplotlib")
+    records = [{"user": "u1", "group": "perfect", "margin": 1.0, "correct": True, "status": "known", "all": "all"}
+               for _ in range(10)]
+    records += [{"user": "u2", "group": "half", "margin": (-1) ** i, "correct": i % 2 == 0, "status": "known",
+                 "all": "all"} for i in range(8)]
+    results = {"run": E.run_results("pdpo", records, [])}
+    assert results["run"]["groups"]["perfect"]["accuracy"] == 1.0
+    assert E.write_plots(results, {"run": []}, {"run": None}, {"u1": "perfect", "u2": "half"}, tmp_path)
+    assert (tmp_path / "accuracy_per_user.png").stat().st_size > 1000
+    assert E.plot_curve([{"fit_pairs": 0, "accuracy": 1.0, "ci95": list(E.wilson_interval(10, 10))}], "u",
+                        tmp_path / "curve.png")
+
+
+def test_generation_quality_by_hand():
+    answers = [" The kettle is warm.", "", " is is is is", " the say about the say about the"]
+    q = E.generation_quality(answers)
+    assert q["empty"] == 1 / 4 and q["repeated_3gram"] == 2 / 4  # "is is is" twice; "the say about" twice
+    bigrams = [("The", "kettle"), ("kettle", "is"), ("is", "warm."), ("is", "is"), ("is", "is"), ("is", "is"),
+               ("the", "say"), ("say", "about"), ("about", "the"), ("the", "say"), ("say", "about"), ("about", "the")]
+    assert q["distinct_2"] == pytest.approx(len(set(bigrams)) / len(bigrams))  # 7 / 12
+    assert E.generation_quality([])["distinct_2"] == 0.0 and not E.repeats_a_trigram("a b c a b d")
+
+
 def test_tables_on_hand_made_records():
     records = [record("a", "long", 1.0), record("a", "long", -2.0), record("a", "long", 3.0), record("a", "long", 0.0),
                record("b", "short", 0.5), record("b", "short", 0.5),
                record("z", "unseen", -1.0, "unseen")]
-    gens = [{"user": "a", "group": "long", "status": "known", "all": "all", "response_tokens": n} for n in (10, 2, 6)] \
-        + [{"user": "b", "group": "short", "status": "known", "all": "all", "response_tokens": n} for n in (3, 5)]
+    gens = [{"user": "a", "group": "long", "status": "known", "all": "all", "response_tokens": n,
+             "response": " word" * n} for n in (10, 2, 6)] \
+        + [{"user": "b", "group": "short", "status": "known", "all": "all", "response_tokens": n,
+            "response": " word" * n} for n in (3, 5)]
     r = E.run_results("pdpo", records, gens)
     a = r["users"]["a"]
     assert (a["accuracy"], a["pairs"], a["correct"], a["mean_margin"]) == (0.5, 4, 2, 0.5)  # a tie is wrong
@@ -152,8 +187,10 @@ def test_report_with_baseline_and_plots(runs, tmp_path):
                 assert (ours["accuracy"], ours["pairs"]) == (entry["accuracy"], entry["pairs"]), (name, key)
                 assert ours["mean_margin"] == pytest.approx(entry["mean_margin"], abs=1e-4)
         for entry in results[name]["groups"].values():
-            assert set(entry) >= {"accuracy", "ci95", "pairs", "mean_response_tokens"}
+            assert set(entry) >= {"accuracy", "ci95", "pairs", "mean_response_tokens", "empty", "repeated_3gram",
+                                  "distinct_2"}
             assert 0 < entry["mean_response_tokens"] <= 6
+        assert results[name]["generation"]["constraints"] == {}  # none unless asked for
     assert set(results["pdpo"]["groups"]) == {"long", "short", "unseen"}
     assert results["pdpo"]["users"]["new_01"]["known"] is False
     gens = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
@@ -161,6 +198,7 @@ def test_report_with_baseline_and_plots(runs, tmp_path):
     assert [g["prompt"] for g in gens if g["run"] == "pdpo"] == [g["prompt"] for g in gens if g["run"] == "dpo"]
     report = (out / "report.md").read_text()
     assert "| group | pairs | pdpo | dpo |" in report and "Wilson" in report
+    assert "### Generation quality" in report and "no generation constraints" in report
     assert "unseen by run pdpo (new_01, new_02)" in report
     for png in ("accuracy_per_user.png", "response_lengths.png", "user_embeddings.png"):
         assert (out / png).stat().st_size > 1000 and f"]({png})" in report
@@ -358,3 +396,14 @@ def test_help_names_the_paper_symbols(capsys):
         out = capsys.readouterr().out
         for text in texts:
             assert text in out, (argv, text)
+
+
+def test_generation_constraints_are_reported_and_change_the_answers(runs, tmp_path):
+    plain = E.evaluate_runs([runs / "pdpo"], runs / "valid.jsonl", out=tmp_path / "plain", samples_per_user=1,
+                            max_new_tokens=8, quiet=True)
+    forced = E.evaluate_runs([runs / "pdpo"], runs / "valid.jsonl", out=tmp_path / "forced", samples_per_user=1,
+                             max_new_tokens=8, quiet=True, min_new_tokens=8, no_repeat_ngram_size=2)
+    assert forced["pdpo"]["generation"]["constraints"] == {"min_new_tokens": 8, "no_repeat_ngram_size": 2}
+    assert "constraints that hide degeneration" in (tmp_path / "forced" / "report.md").read_text()
+    assert forced["pdpo"]["overall"]["mean_response_tokens"] == 8  # no EOS before 8 new tokens
+    assert plain["pdpo"]["overall"]["mean_response_tokens"] < 8

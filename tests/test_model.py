@@ -549,3 +549,14 @@ def test_loading_in_bfloat16_never_holds_a_float32_copy(tmp_path):
     bound = 2 * n_params + 4 * n_params // 4  # bf16 weights + a quarter of a float32 copy
     assert peak["load_pretrained"] < bound, f"peak {peak['load_pretrained'] / 2**20:.0f} MiB"
     assert peak["control"] > bound, f"control peak {peak['control'] / 2**20:.0f} MiB: measurement too coarse"
+
+
+def test_generation_constraints_by_hand():
+    """repetition_penalty, no_repeat_ngram_size and min_new_tokens as Hugging Face defines them."""
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, 1.0]])
+    out = M.constrain_logits(logits, [[0, 1, 0]], False, {4}, 2.0, 0)
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0, 1.0]]  # seen tokens 0, 1: positive / 2, negative * 2
+    out = M.constrain_logits(logits, [[3, 2, 3]], False, {4}, 1.0, 2)
+    assert out[0, 2] == -float("inf") and torch.isfinite(out[0, [0, 1, 3, 4]]).all()  # "3 2" would repeat
+    out = M.constrain_logits(logits, [[3]], True, {4}, 1.0, 0)
+    assert out[0, 4] == -float("inf") and torch.equal(out[0, :4], logits[0, :4])  # EOS forbidden

@@ -135,6 +135,41 @@ def test_pdpo_loss_by_hand(loss_type, alpha):
         assert 0 < out["accuracies"].sum() < 3
 
 
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])
+def test_nll_term_by_hand(alpha):
+    """L + lambda * [alpha * (-log pi(y_w|x,e_u) / |y_w|) + (1 - alpha) * (-log pi(y_w|x,e_0) / |y_w|)]."""
+    beta, lam, tokens = 0.5, 0.7, [3, 5, 2]
+    t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+    args = (t(PC) if alpha > 0 else None, t(PR) if alpha > 0 else None, t(RC), t(RR),
+            t(GC) if alpha < 1 else None, t(GR) if alpha < 1 else None)
+    plain = prlhf.pdpo_loss(*args, alpha=alpha, beta=beta)
+    out = prlhf.pdpo_loss(*args, alpha=alpha, beta=beta, nll_weight=lam, chosen_tokens=t(tokens))
+    assert plain["nll"] is None
+    for b in range(3):
+        nll = alpha * (-PC[b] / tokens[b]) + (1 - alpha) * (-GC[b] / tokens[b])
+        assert out["nll"][b].item() == pytest.approx(nll, abs=1e-12)
+        assert out["losses"][b].item() == pytest.approx(plain["losses"][b].item() + lam * nll, abs=1e-12)
+    assert torch.equal(out["chosen_rewards"] if alpha > 0 else out["generic_chosen_rewards"],
+                       plain["chosen_rewards"] if alpha > 0 else plain["generic_chosen_rewards"])  # rewards untouched
+    with pytest.raises(ValueError, match="chosen_tokens"):
+        prlhf.pdpo_loss(*args, alpha=alpha, beta=beta, nll_weight=lam)
+
+
+def test_pdpo_step_counts_chosen_tokens_for_the_nll_term():
+    """pdpo_step's |y_w| is the chosen rows' response tokens; IPO's per-token means need no division."""
+    model = tiny_model(vocab_size=12, hidden_size=16, n_layers=1, seed=0)
+    batch = make_batch([dict(row=1, prompt=[3, 4], chosen=[7, 8, EOS], rejected=[9, EOS]),
+                        dict(row=0, prompt=[5], chosen=[7, EOS], rejected=[10, 9, 9, EOS])])
+    user_model = prlhf.make_user_model("individual", 1, 1, 16, token_embedding=model.tok_embeddings.weight)
+    reference = lambda b: prlhf.reference_logps(model, b)  # noqa: E731
+    for loss in ("dpo", "ipo"):
+        cfg = prlhf.PDPOConfig(alpha=1.0, loss=loss, nll_weight=1.0)
+        out = prlhf.pdpo_step(model, user_model, batch, reference, cfg)
+        logps = prlhf.policy_logps(model, user_model, batch, 1.0, average=cfg.average_logps)["policy_chosen_logps"]
+        tokens = torch.tensor([3.0, 2.0]) if loss == "dpo" else torch.ones(2)
+        torch.testing.assert_close(out["nll"], (-logps / tokens).detach())
+
+
 def test_label_smoothing_is_cdpo_only():
     x = [torch.tensor(v) for v in (PC, PR, RC, RR)]
     dpo = prlhf.pdpo_loss(*x, alpha=1.0, beta=0.3)["losses"]
