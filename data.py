@@ -591,6 +591,61 @@ def _tldr_pair(c: _Comparison, group: str, prefers: str) -> Pair:
     return Pair(user=c.worker, prompt=c.prompt, chosen=" " + chosen, rejected=" " + rejected, group=group)
 
 
+# Why a record is not used, as the converter's messages say it.
+_TLDR_SKIP_REASONS = {
+    "not_supervised": "not both from supervised policies (e.g. PPO vs supervised, or CNN/DM models)",
+    "equal_length": "summaries of equal length",
+}
+_TLDR_ROLES = {"train": "training", "valid": "validation", "other": "of another split (e.g. test)"}
+
+
+@dataclass
+class _TldrFiles:
+    """What a set of comparison files held: usable comparisons per role ("train", "valid"), how many
+    records went to each role ("train", "valid", "other"), and per role the skipped ones by reason."""
+
+    comparisons: dict
+    roles: Counter
+    skipped: dict
+
+
+def _read_tldr_comparisons(paths: Sequence, default: str, use_split_field: bool) -> _TldrFiles:
+    """Read comparison files whose records are `default` ("train" or "valid") data, or go where their
+    `split` field says."""
+    files = _TldrFiles({"train": [], "valid": []}, Counter(), {"train": Counter(), "valid": Counter()})
+    for path in paths:
+        for lineno, record in _read_jsonl_objects(path):
+            role = _tldr_split(record, default) if use_split_field else default
+            parsed = _tldr_comparison(record, f"{path}:{lineno}")
+            files.roles[role] += 1
+            if role == "other":
+                continue
+            if isinstance(parsed, str):
+                files.skipped[role][parsed] += 1
+            else:
+                files.comparisons[role].append(parsed)
+    return files
+
+
+def _no_comparisons_error(role: str, paths: Sequence, files: _TldrFiles, by_split: bool, hint: str) -> DataError:
+    """Why there is nothing for `role`: where the records of `paths` went, why those of `role` were skipped."""
+    word = _TLDR_ROLES[role]
+    total = sum(files.roles.values())
+    text = f"no {word} comparisons in {', '.join(map(str, paths))}: {total} record{'s' * (total != 1)}"
+    if total:
+        text += ", " + ", ".join(f"{n} {_TLDR_ROLES[r]}" for r, n in sorted(files.roles.items()) if n)
+        text += " by their 'split' field" if by_split else ""
+    if files.skipped[role]:
+        reasons = ", ".join(f"{n} {_TLDR_SKIP_REASONS[r]}" for r, n in sorted(files.skipped[role].items()))
+        text += f"; every {word} record was skipped: {reasons}"
+    return DataError(f"{text}; {hint}")
+
+
+def _tldr_preferences(workers: Sequence[str], p_long: float, rng: random.Random) -> dict[str, str]:
+    """In the given order, each worker prefers "long" with probability p_long, else "short"."""
+    return {worker: "long" if rng.random() < p_long else "short" for worker in workers}
+
+
 def tldr_to_pairs(
     comparison_paths: Sequence[str | os.PathLike],
     *,
@@ -598,12 +653,15 @@ def tldr_to_pairs(
     n_users: int = 10,
     p_long: float = 0.7,
     seed: int = 0,
+    unseen_majority: bool = False,
 ) -> tuple[list[Pair], list[Pair], dict]:
     """The paper's "conflicting length preferences" task from `openai/summarize_from_feedback`
     comparison files (JSON Lines; records with info, summaries, worker, and optionally split).
 
-    - Only comparisons where both summaries come from supervised policies are kept; summaries of
-      equal length in characters are skipped. The human's own `choice` is not used.
+    - Only comparisons where both summaries come from supervised policies are kept (as the reference
+      code filters). Summaries of equal length in characters are skipped and counted
+      (stats["skipped_equal_length"]); the reference code keeps them with the first summary chosen.
+      The human's own `choice` is not used.
     - Train/valid: records of `valid_paths` are validation data and those of `comparison_paths`
       training data; without `valid_paths`, each record's `split` decides ("train" / "valid1",
       "valid2"; other splits are skipped; a record without one counts as training data).
@@ -611,51 +669,57 @@ def tldr_to_pairs(
       In sorted worker order, a seeded RNG makes each prefer the LONGER summary with probability
       `p_long`, else the SHORTER; group = "long" / "short". Chosen = the preferred summary.
     - Validation: known workers keep their id and preference. Every other worker keeps their id
-      as `user` (the registry maps them to the generic user 0), gets group "unseen", and is labelled
-      with the majority preference (longer when p_long >= 0.5): what one policy for everyone
-      should produce.
+      as `user` (the registry maps them to the generic user 0). As in the reference code, each gets
+      their own preference from the same RNG (continued after the known workers, in sorted order),
+      recorded in the group: "unseen-long" / "unseen-short". With `unseen_majority`, all of them are
+      labelled with the majority preference instead (longer when p_long >= 0.5), group "unseen":
+      what one policy for everyone should produce.
     - Prompt: "SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:" (lines without a
       value left out); responses are the stripped summaries with one leading space (" " + text).
     """
-    comparisons = {"train": [], "valid": []}
-    skipped = Counter()
-    sources = [(p, "train") for p in comparison_paths] + [(p, "valid") for p in valid_paths]
-    for path, default in sources:
-        for lineno, record in _read_jsonl_objects(path):
-            split = default if valid_paths else _tldr_split(record, default)
-            parsed = _tldr_comparison(record, f"{path}:{lineno}")
-            if split == "other" or isinstance(parsed, str):
-                skipped["other_split" if split == "other" else parsed] += 1
-            else:
-                comparisons[split].append(parsed)
+    by_split = not valid_paths
+    train_files = _read_tldr_comparisons(comparison_paths, "train", use_split_field=by_split)
+    valid_files = train_files
+    if valid_paths:
+        valid_files = _read_tldr_comparisons(valid_paths, "valid", use_split_field=False)
+    comparisons = {"train": train_files.comparisons["train"], "valid": valid_files.comparisons["valid"]}
     if not comparisons["train"]:
-        raise DataError(f"no usable training comparisons in {', '.join(map(str, comparison_paths))}")
+        hint = "pass training files (records with split 'train', or none) with --comparisons"
+        raise _no_comparisons_error("train", comparison_paths, train_files, by_split, hint)
     if not comparisons["valid"]:
-        raise DataError(
-            "no validation comparisons: pass --valid FILE..., or files whose records have a 'split' "
-            "field ('train', 'valid1', 'valid2')"
-        )
+        hint = "pass --valid FILE..., or files whose records have split 'valid1' or 'valid2'"
+        raise _no_comparisons_error("valid", valid_paths or comparison_paths, valid_files, by_split, hint)
 
     counts = Counter(c.worker for c in comparisons["train"])
     known = sorted(sorted(counts, key=lambda w: (-counts[w], w))[:n_users])
     rng = random.Random(seed)
-    prefers = {worker: "long" if rng.random() < p_long else "short" for worker in known}
+    prefers = _tldr_preferences(known, p_long, rng)
+    unseen = sorted({c.worker for c in comparisons["valid"]} - set(prefers))
     majority = "long" if p_long >= 0.5 else "short"
+    if unseen_majority:
+        unseen_prefers = dict.fromkeys(unseen, majority)
+    else:
+        unseen_prefers = _tldr_preferences(unseen, p_long, rng)
 
     def label(c: _Comparison) -> Pair:
         if c.worker in prefers:
             return _tldr_pair(c, group=prefers[c.worker], prefers=prefers[c.worker])
-        return _tldr_pair(c, group="unseen", prefers=majority)
+        preference = unseen_prefers[c.worker]
+        return _tldr_pair(c, group="unseen" if unseen_majority else f"unseen-{preference}", prefers=preference)
 
     train = [label(c) for c in comparisons["train"] if c.worker in prefers]
     valid = [label(c) for c in comparisons["valid"]]
+    all_skipped = train_files.skipped["train"] + valid_files.skipped["valid"]
+    all_skipped["other_split"] = train_files.roles["other"]
     stats = {
         "train": len(train),
         "valid": len(valid),
         "known_users": len(known),
         "long_users": sum(p == "long" for p in prefers.values()),
-        "unseen_users": len({p.user for p in valid if p.group == "unseen"}),
-        **{f"skipped_{reason}": n for reason, n in sorted(skipped.items())},
+        "unseen_users": len(unseen),
+        "unseen_long_users": sum(p == "long" for p in unseen_prefers.values()),
+        "unused_train_comparisons": len(comparisons["train"]) - len(train),
+        **{f"skipped_{r}": all_skipped[r] for r in ("not_supervised", "equal_length", "other_split")},
     }
     return train, valid, stats
 
@@ -888,6 +952,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     tldr.add_argument("--n-users", type=int, default=10, help="known users = top workers by count (paper: 10, 40)")
     tldr.add_argument("--p-long", type=float, default=0.7, help="chance a known user prefers longer summaries")
     tldr.add_argument("--seed", type=int, default=0)
+    tldr.add_argument("--unseen-majority", action="store_true", help=(
+        "label every unseen validation worker with the majority preference (group 'unseen'); default, as the "
+        "reference code: each their own random preference with --p-long (groups 'unseen-long', 'unseen-short')"))
 
     psoups = sub.add_parser("psoups", help="Personalized Soups rm_training/P1A.json..P3B.json -> pairs")
     psoups.add_argument("--dir", required=True, help="the P-SOUPS data/rm_training directory")
@@ -902,16 +969,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             print(f"{args.file}: {describe_pairs(read_pairs(args.file))}")
             return 0
+        stats = {}
         if args.command == "toy":
             train, valid = make_toy_task(seed=args.seed)
         elif args.command == "tldr":
             train, valid, stats = tldr_to_pairs(
                 args.comparisons, valid_paths=args.valid, n_users=args.n_users, p_long=args.p_long,
-                seed=args.seed,
+                seed=args.seed, unseen_majority=args.unseen_majority,
             )
-            print(", ".join(f"{k} {v}" for k, v in stats.items()))
         else:
             train, valid, stats = psoups_to_pairs(args.dir, seed=args.seed)
+        if stats:
             print(", ".join(f"{k} {v}" for k, v in stats.items()))
         _write_split(args.out, train, valid)
         return 0
