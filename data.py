@@ -1054,6 +1054,8 @@ def prism_to_pairs(
     - Split by _prism_split; conversations without any pair are dropped first (counted).
     Returns train, valid (pairs with group "seen" / "unseen") and counts.
     """
+    if stated_prefs not in ("top-rated", "shown-first"):
+        raise ValueError(f"stated_prefs={stated_prefs!r}: expected 'top-rated' or 'shown-first'")
     directory = Path(prism_dir)
     for name in ("survey.jsonl", "conversations.jsonl"):
         if not (directory / name).is_file():

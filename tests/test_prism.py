@@ -108,6 +108,8 @@ def test_user_text_top_rated_and_shown_first(prism_dir):
     empty = next(p.user_text for p in train + valid if p.user == "user3")
     assert "Self-description" not in empty  # an empty field is left out
     assert all("SECRET" not in p.user_text for p in train + valid)  # system_string is not used
+    with pytest.raises(ValueError, match="stated_prefs='first-shown': expected 'top-rated' or 'shown-first'"):
+        data.prism_to_pairs(prism_dir, stated_prefs="first-shown")
 
 
 def test_pairs_and_every_skip_rule(prism_dir):
