@@ -13,9 +13,9 @@ In reading order:
   3. Tokenization   tokenize_pairs, with the truncation policy stated in its docstring
   4. Batching       make_batches: length-bucketed, seeded, shardable
   5. Collate        collate_pairs (P-DPO / P-RM) and collate_sft (supervised fine-tuning)
-  6. Converters     the paper's TL;DR "conflicting length preferences" task and P-SOUPS, from local files
+  6. Converters     the paper's TL;DR "conflicting length preferences" task, P-SOUPS and PRISM, from local files
   7. Toy task       a synthetic 70/30 length-preference task that needs no download
-  8. Command line   python data.py {check,toy,tldr,psoups} ...
+  8. Command line   python data.py {check,toy,tldr,psoups,prism} ...
 
 Only `tokenizers`, `numpy` and `torch` are used; nothing here touches the network.
 """
@@ -608,6 +608,61 @@ def _tldr_pair(c: _Comparison, group: str, prefers: str) -> Pair:
     return Pair(user=c.worker, prompt=c.prompt, chosen=" " + chosen, rejected=" " + rejected, group=group)
 
 
+# Why a record is not used, as the converter's messages say it.
+_TLDR_SKIP_REASONS = {
+    "not_supervised": "not both from supervised policies (e.g. PPO vs supervised, or CNN/DM models)",
+    "equal_length": "summaries of equal length",
+}
+_TLDR_ROLES = {"train": "training", "valid": "validation", "other": "of another split (e.g. test)"}
+
+
+@dataclass
+class _TldrFiles:
+    """What a set of comparison files held: usable comparisons per role ("train", "valid"), how many
+    records went to each role ("train", "valid", "other"), and per role the skipped ones by reason."""
+
+    comparisons: dict
+    roles: Counter
+    skipped: dict
+
+
+def _read_tldr_comparisons(paths: Sequence, default: str, use_split_field: bool) -> _TldrFiles:
+    """Read comparison files whose records are `default` ("train" or "valid") data, or go where their
+    `split` field says."""
+    files = _TldrFiles({"train": [], "valid": []}, Counter(), {"train": Counter(), "valid": Counter()})
+    for path in paths:
+        for lineno, record in _read_jsonl_objects(path):
+            role = _tldr_split(record, default) if use_split_field else default
+            parsed = _tldr_comparison(record, f"{path}:{lineno}")
+            files.roles[role] += 1
+            if role == "other":
+                continue
+            if isinstance(parsed, str):
+                files.skipped[role][parsed] += 1
+            else:
+                files.comparisons[role].append(parsed)
+    return files
+
+
+def _no_comparisons_error(role: str, paths: Sequence, files: _TldrFiles, by_split: bool, hint: str) -> DataError:
+    """Why there is nothing for `role`: where the records of `paths` went, why those of `role` were skipped."""
+    word = _TLDR_ROLES[role]
+    total = sum(files.roles.values())
+    text = f"no {word} comparisons in {', '.join(map(str, paths))}: {total} record{'s' * (total != 1)}"
+    if total:
+        text += ", " + ", ".join(f"{n} {_TLDR_ROLES[r]}" for r, n in sorted(files.roles.items()) if n)
+        text += " by their 'split' field" if by_split else ""
+    if files.skipped[role]:
+        reasons = ", ".join(f"{n} {_TLDR_SKIP_REASONS[r]}" for r, n in sorted(files.skipped[role].items()))
+        text += f"; every {word} record was skipped: {reasons}"
+    return DataError(f"{text}; {hint}")
+
+
+def _tldr_preferences(workers: Sequence[str], p_long: float, rng: random.Random) -> dict[str, str]:
+    """In the given order, each worker prefers "long" with probability p_long, else "short"."""
+    return {worker: "long" if rng.random() < p_long else "short" for worker in workers}
+
+
 def tldr_to_pairs(
     comparison_paths: Sequence[str | os.PathLike],
     *,
@@ -615,12 +670,15 @@ def tldr_to_pairs(
     n_users: int = 10,
     p_long: float = 0.7,
     seed: int = 0,
+    unseen_majority: bool = False,
 ) -> tuple[list[Pair], list[Pair], dict]:
     """The paper's "conflicting length preferences" task from `openai/summarize_from_feedback`
     comparison files (JSON Lines; records with info, summaries, worker, and optionally split).
 
-    - Only comparisons where both summaries come from supervised policies are kept; summaries of
-      equal length in characters are skipped. The human's own `choice` is not used.
+    - Only comparisons where both summaries come from supervised policies are kept (as the reference
+      code filters). Summaries of equal length in characters are skipped and counted
+      (stats["skipped_equal_length"]); the reference code keeps them with the first summary chosen.
+      The human's own `choice` is not used.
     - Train/valid: records of `valid_paths` are validation data and those of `comparison_paths`
       training data; without `valid_paths`, each record's `split` decides ("train" / "valid1",
       "valid2"; other splits are skipped; a record without one counts as training data).
@@ -628,51 +686,57 @@ def tldr_to_pairs(
       In sorted worker order, a seeded RNG makes each prefer the LONGER summary with probability
       `p_long`, else the SHORTER; group = "long" / "short". Chosen = the preferred summary.
     - Validation: known workers keep their id and preference. Every other worker keeps their id
-      as `user` (the registry maps them to the generic user 0), gets group "unseen", and is labelled
-      with the majority preference (longer when p_long >= 0.5): what one policy for everyone
-      should produce.
+      as `user` (the registry maps them to the generic user 0). As in the reference code, each gets
+      their own preference from the same RNG (continued after the known workers, in sorted order),
+      recorded in the group: "unseen-long" / "unseen-short". With `unseen_majority`, all of them are
+      labelled with the majority preference instead (longer when p_long >= 0.5), group "unseen":
+      what one policy for everyone should produce.
     - Prompt: "SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:" (lines without a
       value left out); responses are the stripped summaries with one leading space (" " + text).
     """
-    comparisons = {"train": [], "valid": []}
-    skipped = Counter()
-    sources = [(p, "train") for p in comparison_paths] + [(p, "valid") for p in valid_paths]
-    for path, default in sources:
-        for lineno, record in _read_jsonl_objects(path):
-            split = default if valid_paths else _tldr_split(record, default)
-            parsed = _tldr_comparison(record, f"{path}:{lineno}")
-            if split == "other" or isinstance(parsed, str):
-                skipped["other_split" if split == "other" else parsed] += 1
-            else:
-                comparisons[split].append(parsed)
+    by_split = not valid_paths
+    train_files = _read_tldr_comparisons(comparison_paths, "train", use_split_field=by_split)
+    valid_files = train_files
+    if valid_paths:
+        valid_files = _read_tldr_comparisons(valid_paths, "valid", use_split_field=False)
+    comparisons = {"train": train_files.comparisons["train"], "valid": valid_files.comparisons["valid"]}
     if not comparisons["train"]:
-        raise DataError(f"no usable training comparisons in {', '.join(map(str, comparison_paths))}")
+        hint = "pass training files (records with split 'train', or none) with --comparisons"
+        raise _no_comparisons_error("train", comparison_paths, train_files, by_split, hint)
     if not comparisons["valid"]:
-        raise DataError(
-            "no validation comparisons: pass --valid FILE..., or files whose records have a 'split' "
-            "field ('train', 'valid1', 'valid2')"
-        )
+        hint = "pass --valid FILE..., or files whose records have split 'valid1' or 'valid2'"
+        raise _no_comparisons_error("valid", valid_paths or comparison_paths, valid_files, by_split, hint)
 
     counts = Counter(c.worker for c in comparisons["train"])
     known = sorted(sorted(counts, key=lambda w: (-counts[w], w))[:n_users])
     rng = random.Random(seed)
-    prefers = {worker: "long" if rng.random() < p_long else "short" for worker in known}
+    prefers = _tldr_preferences(known, p_long, rng)
+    unseen = sorted({c.worker for c in comparisons["valid"]} - set(prefers))
     majority = "long" if p_long >= 0.5 else "short"
+    if unseen_majority:
+        unseen_prefers = dict.fromkeys(unseen, majority)
+    else:
+        unseen_prefers = _tldr_preferences(unseen, p_long, rng)
 
     def label(c: _Comparison) -> Pair:
         if c.worker in prefers:
             return _tldr_pair(c, group=prefers[c.worker], prefers=prefers[c.worker])
-        return _tldr_pair(c, group="unseen", prefers=majority)
+        preference = unseen_prefers[c.worker]
+        return _tldr_pair(c, group="unseen" if unseen_majority else f"unseen-{preference}", prefers=preference)
 
     train = [label(c) for c in comparisons["train"] if c.worker in prefers]
     valid = [label(c) for c in comparisons["valid"]]
+    all_skipped = train_files.skipped["train"] + valid_files.skipped["valid"]
+    all_skipped["other_split"] = train_files.roles["other"]
     stats = {
         "train": len(train),
         "valid": len(valid),
         "known_users": len(known),
         "long_users": sum(p == "long" for p in prefers.values()),
-        "unseen_users": len({p.user for p in valid if p.group == "unseen"}),
-        **{f"skipped_{reason}": n for reason, n in sorted(skipped.items())},
+        "unseen_users": len(unseen),
+        "unseen_long_users": sum(p == "long" for p in unseen_prefers.values()),
+        "unused_train_comparisons": len(comparisons["train"]) - len(train),
+        **{f"skipped_{r}": all_skipped[r] for r in ("not_supervised", "equal_length", "other_split")},
     }
     return train, valid, stats
 
@@ -781,6 +845,267 @@ def psoups_to_pairs(
         "fallback_removals": fallbacks,
     }
     return train, valid, stats
+
+
+# ----------------------------------------------------------------------------------------------------
+# 6c. Converter: PRISM (paper experiment 3, v3): real users, their survey, multi-turn conversations
+# ----------------------------------------------------------------------------------------------------
+
+# The eight rated attributes of survey.jsonl's `stated_prefs` (0-100 sliders, "It is important that an
+# AI language model ..."); "other" (always shown last, with free text in other_text) is left out.
+PRISM_ATTRIBUTES = (
+    "values", "creativity", "fluency", "factuality", "diversity", "safety", "personalisation", "helpfulness",
+)
+# Survey fields of the user text after the stated preferences, in the reference code's order.
+# system_string, the participant's own instruction to a model, is left out, as there.
+PRISM_PROFILE = (
+    ("self_description", "Self-description"), ("age", "Age"), ("gender", "Gender"), ("education", "Education"),
+    ("employment_status", "Employment"), ("marital_status", "Marital status"),
+    ("english_proficiency", "English proficiency"),
+)
+PRISM_EMPTY = "EMPTY STRING"  # how PRISM stores an empty model response
+# Llama 3 chat messages, as the reference code writes its PRISM prompts.
+_CHAT_HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
+_CHAT_END = "<|eot_id|>\n"
+
+_JSON_KINDS = {
+    "string": lambda v: isinstance(v, str),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+    "list": lambda v: isinstance(v, list),
+}
+
+
+def _field(obj: dict, name: str, kind: str, where: str):
+    """obj[name] if it is a JSON value of `kind` (a key of _JSON_KINDS), else a DataError naming `where`."""
+    value = obj.get(name)
+    if not _JSON_KINDS[kind](value):
+        got = _json_type(value) if name in obj else "nothing (the field is missing)"
+        raise DataError(f"{where}: field {name!r} must be a{'n' * (kind[0] in 'aeiou')} {kind}, got {got}")
+    return value
+
+
+def _prism_stated_prefs(survey: dict, where: str, rule: str) -> list[str]:
+    """The three attributes the user text names. "top-rated": the three the user rated highest (ties: the
+    one shown first). "shown-first", the reference code's: order_stated_prefs 1-3, in the order shown,
+    which the codebook says is a random display order, not a ranking."""
+    ratings = _field(survey, "stated_prefs", "object", where)
+    order = _field(survey, "order_stated_prefs", "object", where)
+    for attribute in PRISM_ATTRIBUTES:
+        _field(ratings, attribute, "number", f"{where}: stated_prefs")
+        _field(order, attribute, "integer", f"{where}: order_stated_prefs")
+    if rule == "shown-first":
+        return sorted((a for a in PRISM_ATTRIBUTES if order[a] <= 3), key=order.get)
+    return sorted(PRISM_ATTRIBUTES, key=lambda a: (-ratings[a], order[a]))[:3]
+
+
+def prism_user_text(survey: dict, where: str, stated_prefs: str = "top-rated") -> str:
+    """A fixed English rendering of one survey.jsonl record, one line per field; empty fields are left out:
+
+        User information:
+        Stated preferences: factuality, helpfulness, safety
+        Self-description: ...
+        Age: 25-34 years old
+        ... Gender, Education, Employment, Marital status, English proficiency
+    """
+    preferences = ", ".join(_prism_stated_prefs(survey, where, stated_prefs))
+    lines = ["User information:", f"Stated preferences: {preferences}"]
+    for name, label in PRISM_PROFILE:
+        if survey.get(name) is not None and _field(survey, name, "string", where).strip():
+            lines.append(f"{label}: {survey[name].strip()}")
+    return "\n".join(lines) + "\n"
+
+
+def _read_prism_survey(path: Path, stated_prefs: str) -> dict[str, str]:
+    """user_id -> user text, for participants who went on to the conversations."""
+    texts = {}
+    for lineno, survey in _read_jsonl_objects(path):
+        where = f"{path}:{lineno}"
+        user = _field(survey, "user_id", "string", where)
+        if survey.get("num_completed_conversations") != 0:  # 0: survey only, never in conversations.jsonl
+            texts[user] = prism_user_text(survey, where, stated_prefs)
+    return texts
+
+
+@dataclass
+class _PrismResponse:
+    content: str
+    score: float
+    chosen: bool  # if_chosen: rated highest by the user (ties broken at random by PRISM)
+
+
+@dataclass
+class _PrismTurn:
+    user: str | None  # the user's message
+    responses: list[_PrismResponse]
+
+
+def _prism_turns(conversation: dict, where: str) -> list[_PrismTurn]:
+    """conversation_history grouped by `turn`, in turn order; each turn needs one user message."""
+    turns: dict[int, _PrismTurn] = {}
+    for i, message in enumerate(_field(conversation, "conversation_history", "list", where)):
+        at = f"{where}: conversation_history[{i}]"
+        if not isinstance(message, dict):
+            raise DataError(f"{at}: expected an object with turn, role, content, got a {_json_type(message)}")
+        turn = turns.setdefault(_field(message, "turn", "integer", at), _PrismTurn(None, []))
+        content, role = _field(message, "content", "string", at), message.get("role")
+        if role == "user":
+            turn.user = content
+        elif role == "model":
+            score, chosen = _field(message, "score", "number", at), _field(message, "if_chosen", "boolean", at)
+            turn.responses.append(_PrismResponse(content, score, chosen))
+        else:
+            raise DataError(f"{at}: field 'role' must be 'user' or 'model', got {role!r}")
+    for number, turn in turns.items():
+        if turn.user is None:
+            raise DataError(f"{where}: turn {number} has no message with role 'user'")
+    return [turns[t] for t in sorted(turns)]
+
+
+def _is_empty(text: str) -> bool:
+    return text.strip() in ("", PRISM_EMPTY)
+
+
+def _prism_choice(turn: _PrismTurn, counts: Counter) -> tuple[_PrismResponse | None, list[_PrismResponse]]:
+    """(chosen, rejected responses) of a turn. Chosen = the response with if_chosen (the best scored if
+    several have it); rejected = each other response, except ties in score and empty responses."""
+    flagged = [r for r in turn.responses if r.chosen]
+    if not flagged:
+        counts["turns_without_chosen"] += 1
+        return None, []
+    counts["turns_several_chosen"] += len(flagged) > 1
+    chosen = max(flagged, key=lambda r: r.score)  # the first of equals
+    rejected = []
+    for response in turn.responses:
+        if response is chosen:
+            continue
+        if _is_empty(chosen.content) or _is_empty(response.content):
+            counts["skipped_empty"] += 1
+        elif response.score == chosen.score:
+            counts["skipped_tie"] += 1
+        else:
+            rejected.append(response)
+    return chosen, rejected
+
+
+def _chat(role: str, content: str) -> str:
+    return _CHAT_HEADER.format(role=role) + content + _CHAT_END
+
+
+def _prism_prompt(earlier: str, user_message: str, budget: int) -> tuple[str, bool]:
+    """(prompt, whether it was cut): the conversation so far ending with the assistant header. `earlier`
+    (previous user messages and chosen replies) is cut from the LEFT to fit `budget` characters,
+    mid-message if need be, as the reference code does; the current user message is always kept whole."""
+    current = _chat("user", user_message) + _CHAT_HEADER.format(role="assistant")
+    room = max(budget - len(current), 0)
+    kept = earlier[max(len(earlier) - room, 0):] if room else ""
+    return kept + current, len(kept) < len(earlier)
+
+
+def _prism_conversation_pairs(conversation: dict, where: str, user: str, user_text: str, budget: int,
+                              counts: Counter) -> list[Pair]:
+    """The pairs of one conversation, turn by turn; the chosen reply joins the history of later turns."""
+    pairs, earlier = [], ""
+    for turn in _prism_turns(conversation, where):
+        counts["turns"] += 1
+        chosen, rejected = _prism_choice(turn, counts)
+        prompt, cut = _prism_prompt(earlier, turn.user, budget)
+        counts["prompts_cut"] += cut and bool(rejected)
+        pairs += [Pair(user, prompt, chosen.content, r.content, user_text=user_text) for r in rejected]
+        earlier += _chat("user", turn.user)
+        if chosen is not None:
+            earlier += _chat("assistant", "" if _is_empty(chosen.content) else chosen.content)
+    return pairs
+
+
+def _prism_split(by_user: dict[str, list[list[Pair]]], seed: int, seen_fraction: float,
+                 train_fraction: float) -> tuple[list[Pair], list[Pair], Counter]:
+    """The reference code's split, seeded: int(seen_fraction * users) users, shuffled, are seen, and
+    int(train_fraction * k) of each one's k conversations, shuffled, go to training, the rest to
+    validation. A seen user with one conversation would train on none (int(0.9) = 0), so is unseen,
+    as the reference code makes them. Unseen users appear only in validation. Sets group "seen" / "unseen"."""
+    rng = random.Random(seed)
+    users = sorted(by_user)
+    rng.shuffle(users)
+    drawn = users[: int(seen_fraction * len(users))]
+    seen = {u for u in drawn if len(by_user[u]) > 1}
+    train, valid = [], []
+    for user in users:
+        conversations = list(by_user[user])
+        n_train = 0
+        if user in seen:
+            rng.shuffle(conversations)
+            n_train = int(train_fraction * len(conversations))
+        for i, pairs in enumerate(conversations):
+            for pair in pairs:
+                pair.group = "seen" if user in seen else "unseen"
+            (train if i < n_train else valid).extend(pairs)
+    counts = Counter(users_seen=len(seen), users_unseen=len(users) - len(seen),
+                     unseen_with_one_conversation=len(drawn) - len(seen))
+    return train, valid, counts
+
+
+def prism_to_pairs(
+    prism_dir: str | os.PathLike,
+    *,
+    stated_prefs: str = "top-rated",
+    max_prompt_chars: int = 1500,
+    seed: int = 0,
+    seen_fraction: float = 0.9,
+    train_fraction: float = 0.9,
+) -> tuple[list[Pair], list[Pair], dict]:
+    """PRISM (HannahRoseKirk/prism-alignment) from `prism_dir/survey.jsonl` and `conversations.jsonl`,
+    built as the reference code builds its PRISM task, with the departures stated here.
+
+    - user = user_id; user_text = prism_user_text of the user's survey (stated preferences by
+      `stated_prefs`: "top-rated", or the reference code's "shown-first"; see _prism_stated_prefs).
+    - One pair per turn and rejected response: chosen = the response with if_chosen, rejected = each
+      other response of the turn (up to 3 at turn 0, 1 later). Ties in score and responses stored as
+      "EMPTY STRING" are skipped (the reference code keeps both) and counted.
+    - Prompt: earlier user messages and chosen replies, then the current user message, in Llama 3
+      chat format ending with "<|start_header_id|>assistant<|end_header_id|>\\n\\n", cut from the left
+      so that user text + prompt fit `max_prompt_chars` (see _prism_prompt): implicit, explicit and
+      both runs then see the same prompts. The reference code's 1500 characters are about 500 tokens.
+    - Split by _prism_split; conversations without any pair are dropped first (counted).
+    Returns train, valid (pairs with group "seen" / "unseen") and counts.
+    """
+    if stated_prefs not in ("top-rated", "shown-first"):
+        raise ValueError(f"stated_prefs={stated_prefs!r}: expected 'top-rated' or 'shown-first'")
+    directory = Path(prism_dir)
+    for name in ("survey.jsonl", "conversations.jsonl"):
+        if not (directory / name).is_file():
+            raise DataError(
+                f"{directory / name}: file not found (expected PRISM's survey.jsonl and conversations.jsonl)"
+            )
+    texts = _read_prism_survey(directory / "survey.jsonl", stated_prefs)
+    counts, by_user = Counter(), {}
+    path = directory / "conversations.jsonl"
+    for lineno, conversation in _read_jsonl_objects(path):
+        where = f"{path}:{lineno}"
+        user = _field(conversation, "user_id", "string", where)
+        if user not in texts:
+            raise DataError(f"{where}: user_id {user!r} has no survey in {directory / 'survey.jsonl'} "
+                            f"(or one with num_completed_conversations 0)")
+        budget = max_prompt_chars - len(texts[user])
+        pairs = _prism_conversation_pairs(conversation, where, user, texts[user], budget, counts)
+        counts["conversations"] += 1
+        if pairs:
+            by_user.setdefault(user, []).append(pairs)
+        else:
+            counts["conversations_without_pairs"] += 1
+    if not by_user:
+        raise DataError(f"{path}: no usable pairs in {counts['conversations']} conversations "
+                        f"({counts['skipped_tie']} ties, {counts['skipped_empty']} empty responses skipped)")
+    train, valid, split_counts = _prism_split(by_user, seed, seen_fraction, train_fraction)
+    counts.update(split_counts)
+    stats = {"train": len(train), "valid": len(valid),
+             "valid_unseen": sum(p.group == "unseen" for p in valid)}
+    names = ("users_seen", "users_unseen", "unseen_with_one_conversation", "conversations",
+             "conversations_without_pairs", "turns", "turns_without_chosen", "turns_several_chosen",
+             "skipped_tie", "skipped_empty", "prompts_cut")
+    return train, valid, {**stats, **{name: counts[name] for name in names}}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -984,11 +1309,26 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     tldr.add_argument("--n-users", type=int, default=10, help="known users = top workers by count (paper: 10, 40)")
     tldr.add_argument("--p-long", type=float, default=0.7, help="chance a known user prefers longer summaries")
     tldr.add_argument("--seed", type=int, default=0)
+    tldr.add_argument("--unseen-majority", action="store_true", help=(
+        "label every unseen validation worker with the majority preference (group 'unseen'); default, as the "
+        "reference code: each their own random preference with --p-long (groups 'unseen-long', 'unseen-short')"))
 
     psoups = sub.add_parser("psoups", help="Personalized Soups rm_training/P1A.json..P3B.json -> pairs")
     psoups.add_argument("--dir", required=True, help="the P-SOUPS data/rm_training directory")
     psoups.add_argument("--out", required=True, help="output directory")
     psoups.add_argument("--seed", type=int, default=0)
+
+    prism = sub.add_parser("prism", help="PRISM survey.jsonl + conversations.jsonl -> pairs with user text")
+    prism.add_argument("--dir", required=True, help="folder with PRISM's survey.jsonl and conversations.jsonl")
+    prism.add_argument("--out", required=True, help="output directory")
+    prism.add_argument("--stated-prefs", choices=["top-rated", "shown-first"], default="top-rated", help=(
+        "which three stated_prefs attributes the user text names: top-rated (default), the three the user "
+        "rated highest; shown-first, the reference code's, the three shown first (order_stated_prefs 1-3, "
+        "a random display order per PRISM's codebook, not a ranking)"))
+    prism.add_argument("--max-prompt-chars", type=int, default=1500, help=(
+        "characters of user text + prompt (the reference code's 1500, about 500 tokens); earlier turns are cut "
+        "from the left, the current user message is kept whole"))
+    prism.add_argument("--seed", type=int, default=0, help="seed of the user and conversation split")
     return parser.parse_args(argv)
 
 
@@ -998,16 +1338,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "check":
             print(f"{args.file}: {describe_pairs(read_pairs(args.file))}")
             return 0
+        stats = {}
         if args.command == "toy":
             train, valid = make_toy_task(seed=args.seed)
         elif args.command == "tldr":
             train, valid, stats = tldr_to_pairs(
                 args.comparisons, valid_paths=args.valid, n_users=args.n_users, p_long=args.p_long,
-                seed=args.seed,
+                seed=args.seed, unseen_majority=args.unseen_majority,
             )
-            print(", ".join(f"{k} {v}" for k, v in stats.items()))
-        else:
+        elif args.command == "psoups":
             train, valid, stats = psoups_to_pairs(args.dir, seed=args.seed)
+        else:
+            train, valid, stats = prism_to_pairs(
+                args.dir, stated_prefs=args.stated_prefs, max_prompt_chars=args.max_prompt_chars, seed=args.seed
+            )
+        if stats:
             print(", ".join(f"{k} {v}" for k, v in stats.items()))
         _write_split(args.out, train, valid)
         return 0

@@ -433,17 +433,20 @@ def test_tldr_converter(tmp_path):
     assert stats["skipped_not_supervised"] == 2
     assert stats["skipped_equal_length"] == 1 and stats["skipped_other_split"] == 1
     assert (stats["known_users"], stats["unseen_users"], len(valid)) == (3, 1, 3)
+    assert stats["unused_train_comparisons"] == 3 + 2  # w3 and w4 are not among the top 3
 
     group_of = {p.user: p.group for p in train}
     assert set(group_of.values()) <= {"long", "short"}
     for pair in train + valid:
         assert pair.chosen.startswith(" ") and pair.chosen[1:] == pair.chosen[1:].strip()
         longer = len(pair.chosen) > len(pair.rejected)
-        assert longer == (pair.group in ("long", "unseen"))  # unseen users get the majority: longer
+        assert longer == pair.group.endswith("long")  # "long", "short", "unseen-long", "unseen-short"
     assert train[0].prompt == "SUBREDDIT: r/cats\nTITLE: title 0\nPOST: post 0\nTL;DR:"
     assert train[0].chosen in (" short 0", " a much longer summary 0")
     unseen = [p for p in valid if p.user == "w9"]
-    assert unseen[0].group == "unseen" and unseen[0].prompt == "TITLE: title 202\nPOST: post 202\nTL;DR:"
+    assert unseen[0].group in ("unseen-long", "unseen-short")
+    assert unseen[0].prompt == "TITLE: title 202\nPOST: post 202\nTL;DR:"
+    assert stats["unseen_long_users"] == (unseen[0].group == "unseen-long")
     assert {p.user: p.group for p in valid if p.user != "w9"} == {u: group_of[u] for u in ("w0", "w1")}
 
     assert data.tldr_to_pairs([path], n_users=3, seed=0) == (train, valid, stats)  # deterministic
@@ -452,19 +455,37 @@ def test_tldr_converter(tmp_path):
         for s in range(10)
     }
     assert len(assignments) > 1  # the seed matters
+    unseen_groups = {next(p.group for p in data.tldr_to_pairs([path], n_users=3, seed=s)[1] if p.user == "w9")
+                     for s in range(10)}
+    assert unseen_groups == {"unseen-long", "unseen-short"}  # each unseen worker draws a preference
+
+
+def test_tldr_unseen_majority_keeps_known_preferences(tmp_path):
+    path = tmp_path / "comparisons.jsonl"
+    write_tldr_fixture(path)
+    own = data.tldr_to_pairs([path], n_users=3, seed=0)
+    majority = data.tldr_to_pairs([path], n_users=3, seed=0, unseen_majority=True)
+    assert majority[0] == own[0]  # training pairs and known preferences do not change
+    unseen = [p for p in majority[1] if p.user == "w9"]
+    assert [p.group for p in unseen] == ["unseen"] and len(unseen[0].chosen) > len(unseen[0].rejected)
+    short = data.tldr_to_pairs([path], n_users=3, seed=0, p_long=0.2, unseen_majority=True)[1]
+    assert all(len(p.chosen) < len(p.rejected) for p in short if p.user == "w9")  # the majority is short
 
 
 def test_tldr_converter_with_separate_valid_files_and_cli(tmp_path, capsys):
     train_file, valid_file = tmp_path / "train.jsonl", tmp_path / "valid.jsonl"
     train_file.write_text("".join(json.dumps(tldr_record("w0", None, k)) + "\n" for k in range(3)))
     valid_file.write_text(json.dumps(tldr_record("w7", "train", 9)) + "\n")  # the file, not 'split', decides
-    with pytest.raises(DataError, match="no validation comparisons"):
+    with pytest.raises(DataError, match=r"no validation comparisons in .*train.jsonl: 3 records, 3 training by "
+                                        r"their 'split' field; pass --valid"):
         data.tldr_to_pairs([train_file])
     out = tmp_path / "out"
     argv = ["tldr", "--comparisons", str(train_file), "--valid", str(valid_file), "--out", str(out)]
     assert data.main(argv) == 0
     assert "train 3, valid 1" in capsys.readouterr().out
     assert len(data.read_pairs(out / "train.jsonl")) == 3
+    assert [p.group for p in data.read_pairs(out / "valid.jsonl")] in (["unseen-long"], ["unseen-short"])
+    assert data.main(argv + ["--unseen-majority"]) == 0
     assert [p.group for p in data.read_pairs(out / "valid.jsonl")] == ["unseen"]
 
 
