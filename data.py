@@ -467,7 +467,14 @@ def prefix_ids(tokenizer: Tokenizer, prompt_ids: list[int], user_text_ids: Seque
     The policy's full layout, PAPER.md "Personalized LM", is [BOS] [e_u] [user text] [prompt] [response]:
     prlhf.embed_with_user_prefix puts the T_u user vectors right after position 0, the BOS. The reference
     model gets no user information: user_text_ids empty, and no e_u.
+
+    A prompt that already begins with BOS gets no second one: its BOS is the row's position 0, so e_u and
+    the user text come right after it. That is the case of chat prompts whose template opens with the
+    BOS token (SmolLM2's BOS is <|im_start|>), and of GPT-2/GPT-J prompts written with <|endoftext|>
+    (their BOS = EOS).
     """
+    if prompt_ids[:1] == [tokenizer.bos_id]:
+        prompt_ids = prompt_ids[1:]
     return [tokenizer.bos_id, *user_text_ids, *prompt_ids]
 
 

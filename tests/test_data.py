@@ -588,3 +588,36 @@ def test_cli_toy(tmp_path, capsys):
     assert data.main(["toy", "--out", str(tmp_path)]) == 0
     assert data.read_pairs(tmp_path / "train.jsonl") == data.make_toy_task(seed=0)[0]
     assert "600 pairs, 10 users, 2 groups (long 420, short 180)" in capsys.readouterr().out
+
+
+def gpt2_style_tokenizer(path):
+    """A byte-level BPE whose only special token is <|endoftext|>: BOS = EOS = pad, as GPT-2 and GPT-J's."""
+    from tokenizers import Tokenizer as Backend, decoders, models, pre_tokenizers, trainers
+
+    backend = Backend(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(data.toy_corpus_texts(0, n_examples=100),
+                                trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                                    initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    path.mkdir(parents=True, exist_ok=True)
+    backend.save(str(path / "tokenizer.json"))
+    (path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<|endoftext|>",
+                                                            "eos_token": "<|endoftext|>"}))
+    return data.load_tokenizer(path)
+
+
+def test_a_prompt_that_begins_with_bos_gets_no_second_one(tmp_path):
+    tok = gpt2_style_tokenizer(tmp_path / "gpt2")
+    assert tok.bos_id == tok.eos_id == tok.pad_id == tok.backend.token_to_id("<|endoftext|>")
+    plain, opened = tok.encode(" Tell me about the kettle."), tok.encode("<|endoftext|> Tell me about the kettle.")
+    assert opened == [tok.bos_id] + plain  # the special token is one id in the text
+    text = tok.encode(" I like short answers.")
+    assert data.prefix_ids(tok, opened) == data.prefix_ids(tok, plain) == [tok.bos_id] + plain
+    assert data.prefix_ids(tok, opened, text) == [tok.bos_id] + text + plain  # e_u goes after position 0
+    pair = data.Pair("u", "<|endoftext|> Tell me about the kettle.", " The kettle is warm.", " No.", user_text=" I like it.")
+    items, _ = data.tokenize_pairs([pair], tok, 64, 32)
+    batch = data.collate_pairs(items, tok, lambda u: 1, use_user_text=True)
+    for key in ("policy_input_ids", "reference_input_ids"):
+        row = batch[key][0].tolist()
+        assert row[0] == tok.bos_id and row[1] != tok.bos_id, key  # one BOS, then user text / prompt
