@@ -55,6 +55,7 @@ class Tokenizer:
     bos_id: int
     eos_id: int
     pad_id: int
+    source: Path | None = None  # the checkpoint directory it was loaded from, whose other files `save` keeps
 
     @property
     def vocab_size(self) -> int:
@@ -67,11 +68,23 @@ class Tokenizer:
         return self.backend.decode(list(ids), skip_special_tokens=True)
 
     def save(self, directory: str | os.PathLike) -> None:
-        """Write tokenizer.json and tokenizer_config.json; `load_tokenizer` and Hugging Face
-        `AutoTokenizer.from_pretrained(directory)` both reopen them."""
+        """Write tokenizer.json and the base checkpoint's other tokenizer files; `load_tokenizer` and
+        Hugging Face `AutoTokenizer.from_pretrained(directory)` both reopen them.
+
+        A tokenizer loaded from a checkpoint keeps every file of TOKENIZER_FILES its directory has (the
+        chat template, special tokens, generation defaults) byte for byte. One trained here, or from a
+        checkpoint without tokenizer_config.json, gets a tokenizer_config.json naming BOS, EOS and pad.
+        """
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.backend.save(str(directory / "tokenizer.json"))
+        if self.source is not None and Path(self.source).resolve() == directory.resolve():
+            return  # saved over its own checkpoint: the other files are already there
+        kept = [name for name in TOKENIZER_FILES if self.source is not None and (Path(self.source) / name).is_file()]
+        for name in kept:
+            _write_atomically(directory / name, (Path(self.source) / name).read_text(encoding="utf-8"))
+        if "tokenizer_config.json" in kept:
+            return
         config = {
             "tokenizer_class": "PreTrainedTokenizerFast",
             "bos_token": self.backend.id_to_token(self.bos_id),
@@ -81,6 +94,11 @@ class Tokenizer:
             "clean_up_tokenization_spaces": False,
         }
         _write_atomically(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+
+
+# Files of a Hugging Face checkpoint that describe its tokenizer and how it is prompted, besides tokenizer.json.
+TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja", "chat_template.json",
+                   "added_tokens.json", "generation_config.json")
 
 
 def _read_json_if_present(path: Path) -> dict:
@@ -150,6 +168,7 @@ def load_tokenizer(checkpoint_dir: str | os.PathLike) -> Tokenizer:
         bos_id=eos_id if bos_id is None else bos_id,
         eos_id=eos_id,
         pad_id=eos_id if pad_id is None else pad_id,
+        source=directory,
     )
 
 

@@ -72,6 +72,26 @@ def test_vocab_size_too_small_for_byte_level():
         data.train_bpe_tokenizer(["a b c"], 259)
 
 
+def test_save_keeps_every_tokenizer_file_of_the_base(tokenizer_dir, tmp_path):
+    d = copy_tokenizer_json(tokenizer_dir, tmp_path / "base")
+    files = {"tokenizer_config.json": json.dumps({"bos_token": "<s>", "eos_token": "</s>", "chat_template": "{{x}}"}),
+             "chat_template.jinja": "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}\n",
+             "special_tokens_map.json": json.dumps({"eos_token": "</s>"}),
+             "generation_config.json": json.dumps({"eos_token_id": 1, "max_new_tokens": 7})}
+    for name, text in files.items():
+        (d / name).write_text(text)
+    data.load_tokenizer(d).save(tmp_path / "saved")
+    for name, text in files.items():
+        assert (tmp_path / "saved" / name).read_text() == text, name  # byte for byte, not rewritten
+    again = data.load_tokenizer(tmp_path / "saved")
+    again.save(tmp_path / "saved")  # over its own directory: nothing lost
+    again.save(tmp_path / "twice")  # and from a saved copy onwards
+    assert sorted(p.name for p in (tmp_path / "twice").iterdir()) == sorted([*files, "tokenizer.json"])
+    trained = data.train_bpe_tokenizer(data.toy_corpus_texts(0, n_examples=20), 300)  # no base: a config is written
+    trained.save(tmp_path / "trained")
+    assert json.loads((tmp_path / "trained" / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
+
+
 def test_dict_form_tokenizer_config(tokenizer_dir, tmp_path):
     d = copy_tokenizer_json(tokenizer_dir, tmp_path / "ckpt")
     config = {
