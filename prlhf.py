@@ -575,7 +575,7 @@ class PDPOConfig:
     label_smoothing: float = option(0.1, "epsilon of conservative DPO (--loss cdpo only)")
     generic_sampling: bool = option(False, "each pair takes its personalized term with prob. alpha, else its "
                                     "generic term: an unbiased estimate of eq. (pdpo) at vanilla-DPO cost")
-    shared_prompt: bool = option(False, "one row per pair, [prompt] [y_w] [y_l] with y_l masked from y_w: the "
+    shared_prompt: bool = option(True, "one row per pair, [prompt] [y_w] [y_l] with y_l masked from y_w: the "
                                  "prompt runs once instead of twice (same log-probs as two rows)")
     nll_weight: float = option(0.0, "lambda, weight of an NLL term on the chosen responses, mixed by alpha like "
                                "eq. (pdpo) (beyond the paper: keeps generations fluent; 0 = the paper's loss)")

@@ -10,15 +10,7 @@ import torch
 import prlhf
 import train as T
 from tests.helpers import toy_setup
-from tests.test_prlhf import PAIRS, make_batch, tiny_model, user_models
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from tests.test_prlhf import PAIRS, make_batch, one_thread, tiny_model, user_models  # noqa: F401 (one_thread: autouse)
 
 
 def batch_for(user_text: bool):
