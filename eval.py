@@ -152,7 +152,7 @@ def score_pairs(model, user_model, items, collate, cfg: prlhf.PDPOConfig, *, ref
     """
     def margins(batch):
         if head is not None:
-            out = prlhf.prm_step(model, head, user_model, batch, alpha=1.0)
+            out = prlhf.prm_step(model, head, user_model, batch, alpha=1.0, shared_prompt=cfg.shared_prompt)
         else:
             out = prlhf.pdpo_step(model, user_model, batch, reference, cfg.personalized())
         return out["chosen_rewards"] - out["rejected_rewards"]
@@ -290,7 +290,8 @@ def online_reference(reference_model, cfg: prlhf.PDPOConfig):
     """reference(batch) -> (log pi_ref(y_w | x), log pi_ref(y_l | x)), each (B,), computed on demand."""
     if reference_model is None:
         return None
-    return lambda batch: prlhf.reference_logps(reference_model, batch, average=cfg.average_logps)
+    return lambda batch: prlhf.reference_logps(reference_model, batch, average=cfg.average_logps,
+                                               shared_prompt=cfg.shared_prompt)
 
 
 def tokenize(run: runs.Run, pairs: list[data.Pair]) -> list[data.TokenizedPair]:
@@ -731,7 +732,8 @@ def cached_reference(reference, items, collate, batch_size: int = 16):
 def new_user_loss(run: runs.Run, user_model, batch, reference) -> torch.Tensor:
     """The run's own objective with alpha = 1 (only the new user's term): P-DPO, or P-RM for a prm run."""
     if run.reward_head is not None:
-        return prlhf.prm_step(run.model, run.reward_head, user_model, batch, alpha=1.0)["losses"].mean()
+        return prlhf.prm_step(run.model, run.reward_head, user_model, batch, alpha=1.0,
+                              shared_prompt=run.pdpo.shared_prompt)["losses"].mean()
     return prlhf.pdpo_step(run.model, user_model, batch, reference, run.pdpo.personalized())["losses"].mean()
 
 

@@ -349,10 +349,15 @@ class Transformer(nn.Module):
         positions (1 = token, 0 = pad); leave it None for right-padded batches, whose padding
         cannot affect earlier positions under causal attention. Positions default to 0..T-1 after
         the cache, or count real tokens when a mask is given (left padding).
+        A boolean attention_mask (B, 1, T, S), True where a query may look, is used as it is, with the
+        position_ids that must come with it (prlhf's shared-prompt rows: two responses after one prompt).
         """
         x = self.tok_embeddings(input_ids) if inputs_embeds is None else inputs_embeds  # (B, T, d)
         B, T, _ = x.shape
         past = cache.length if cache is not None else 0
+        ready_mask = attention_mask is not None and attention_mask.dim() == 4
+        if ready_mask and position_ids is None:
+            raise ValueError("a 4D attention_mask (B, 1, T, S) needs explicit position_ids (B, T)")
         if position_ids is None:
             if attention_mask is not None:
                 position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, past:past + T]
@@ -362,7 +367,9 @@ class Transformer(nn.Module):
             self.inv_freq = self.inv_freq.to(x.device)
         cos, sin = rope_cos_sin(position_ids, self.inv_freq, x.dtype)  # (B, T, rot/2)
         mask = None
-        if attention_mask is not None:
+        if ready_mask:
+            mask = attention_mask.bool()
+        elif attention_mask is not None:
             mask = attention_mask_4d(attention_mask, T)
         elif cache is not None and past > 0:
             mask = torch.ones(1, 1, T, past + T, dtype=torch.bool, device=x.device).tril(past)

@@ -12,6 +12,7 @@ Equation -> function:
     individual e_i = e_0 + o_i (or o_i)                             IndividualUserModel
     cluster e_i = sum_k softmax(w_i)_k c_k                          ClusterUserModel
     [BOS] [e_u] [user text] [prompt] [response]                     embed_with_user_prefix
+    ... [prompt] [y_w] [y_l] in one row, y_l masked from y_w         shared_prompt_rows, shared_prompt_attention
     log pi(y | x, u) = sum_t log p(y_t | BOS, e_u, x, y_<t)         response_logps
     per-pair loss of h: DPO, conservative DPO, IPO                  preference_loss
     alpha * l(e_u) + (1 - alpha) * l(e_0)                           mix_terms
@@ -26,7 +27,8 @@ Equation -> function:
 
 The choices that change an equation live in PDPOConfig, once: the user model, T_u, alpha, beta, the
 family member (`loss`), cDPO's epsilon, IPO's per-token averaging (`average_logps`), whether the user's
-text is in the rows (`use_user_text`), generic sampling.
+text is in the rows (`use_user_text`), generic sampling; and one that changes no number, only the work:
+shared-prompt rows (`shared_prompt`).
 
 Reading order: registry, user models (initialization, the three kinds, factory, saving), personalized
 log-probabilities (one batched forward), the configuration of an arm, objectives (P-DPO, P-RM).
@@ -322,17 +324,122 @@ def embed_with_user_prefix(model, input_ids: torch.Tensor, user_embeddings: torc
     return torch.cat([token_embeds[:, :1], user_embeddings, token_embeds[:, 1:]], dim=1)  # (N, T_u + T, d)
 
 
-def user_conditioned_hidden(model, user_model, input_ids: torch.Tensor, user_rows: torch.Tensor) -> torch.Tensor:
+# Shared-prompt rows: y_w and y_l of a pair share [BOS] [e_u] [user text] [prompt], so one row can carry
+# both responses after a single copy of the prefix. Same log-probs as two rows, fewer tokens through the LM.
+
+PREFIX, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1  # the segments of a shared row
+
+
+def shared_prompt_rows(input_ids: torch.Tensor, response_mask: torch.Tensor):
+    """Two rows per pair -> one: (2B, T) [prefix] [y_w] and [prefix] [y_l] -> (B, S) [prefix] [y_w] [y_l].
+
+    input_ids, response_mask: the two-row layout of data.collate_pairs (chosen rows 0..B-1, rejected rows
+    B..2B-1, right-padded; both rows of a pair begin with the same prefix). Returns
+      shared_ids     (B, S)   [prefix] [y_w] [y_l] [pads]; pad positions hold arbitrary ids (never seen, never scored)
+      segments       (B, S)   PREFIX, CHOSEN, REJECTED or PADDING at each position (shared_prompt_attention)
+      two_row_index  (2B, T)  for each two-row position, the shared position holding the same token (unshare_hidden)
+    """
+    B, T = input_ids.shape[0] // 2, input_ids.shape[1]
+    chosen_mask, rejected_mask = response_mask[:B], response_mask[B:]  # (B, T) each
+    n_prefix = (chosen_mask | rejected_mask).int().argmax(-1, keepdim=True)  # (B, 1): the first response token
+    n_chosen, n_rejected = chosen_mask.sum(-1, keepdim=True), rejected_mask.sum(-1, keepdim=True)  # (B, 1)
+    end_chosen = n_prefix + n_chosen
+    end = end_chosen + n_rejected  # (B, 1)
+    S = int(end.max())
+    j = torch.arange(S, device=input_ids.device)  # (S,)
+    segments = torch.where(j < n_prefix, PREFIX, torch.where(j < end_chosen, CHOSEN,
+                                                             torch.where(j < end, REJECTED, PADDING)))  # (B, S)
+    from_rejected = j >= end_chosen  # (B, S): y_l, and the padding after it
+    column = torch.where(from_rejected, j - n_chosen, j).clamp(max=T - 1)  # (B, S): column in the two-row layout
+    shared_ids = torch.where(from_rejected, input_ids[B:].gather(1, column), input_ids[:B].gather(1, column))
+    t = torch.arange(T, device=input_ids.device)  # (T,)
+    two_row_index = torch.cat([t.expand(B, T), torch.where(t < n_prefix, t, t + n_chosen)])  # (2B, T)
+    return shared_ids, segments, two_row_index.clamp(max=S - 1)
+
+
+def shared_prompt_attention(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """segments (N, S) -> boolean attention mask (N, 1, S, S) and position ids (N, S) of shared rows.
+
+    Causal, except that y_l does not see y_w, and y_l's positions restart right after the prefix, so
+    every token sees exactly what it sees in its own two-row row, at the same position. A pad sees only
+    itself (no empty row, so no NaN in SDPA). One pair, prefix of 3, |y_w| = 2, |y_l| = 3, one pad:
+
+                   keys  BOS e_u  x  w1 w2 l1 l2 l3 pad
+        queries  BOS      1
+                 e_u      1   1
+                 x        1   1   1
+                 w1       1   1   1   1
+                 w2       1   1   1   1  1
+                 l1       1   1   1         1
+                 l2       1   1   1         1  1
+                 l3       1   1   1         1  1  1
+                 pad                                1
+        positions         0   1   2   3  4  3  4  5  8
+    """
+    S = segments.shape[1]
+    j = torch.arange(S, device=segments.device)  # (S,)
+    query, key = segments[:, :, None], segments[:, None, :]  # (N, S, 1), (N, 1, S)
+    causal = j[None, :] <= j[:, None]  # (S, S), [query, key]
+    real = (query != PADDING) & (key != PADDING)  # (N, S, S)
+    allowed = causal & real & ((key == PREFIX) | (key == query))  # (N, S, S)
+    allowed = allowed | torch.eye(S, dtype=torch.bool, device=segments.device)
+    n_chosen = (segments == CHOSEN).sum(-1, keepdim=True)  # (N, 1)
+    position_ids = j - n_chosen * (segments == REJECTED)  # (N, S)
+    return allowed[:, None], position_ids  # (N, 1, S, S), (N, S)
+
+
+def unshare_hidden(hidden: torch.Tensor, two_row_index: torch.Tensor) -> torch.Tensor:
+    """Hidden states of n blocks of B shared rows (n*B, S, d) -> the two-row layout's (n*2B, T, d).
+
+    Block b's shared row i serves its rows i (chosen) and B + i (rejected). Prefix states are copied
+    into both rows, so hidden[:, t] predicts input_ids[:, t + 1] of the two-row layout again and
+    response_logps scores both layouts with the same code.
+    """
+    two_B, T = two_row_index.shape
+    B = two_B // 2
+    n = hidden.shape[0] // B
+    row = torch.arange(n * two_B, device=hidden.device)  # (n*2B,)
+    shared_row = row // two_B * B + row % B  # (n*2B,): block, then pair
+    return hidden[shared_row[:, None], two_row_index.repeat(n, 1)]  # (n*2B, T, d)
+
+
+def user_conditioned_hidden(model, user_model, input_ids: torch.Tensor, user_rows: torch.Tensor,
+                            segments: torch.Tensor | None = None) -> torch.Tensor:
     """Final hidden states of [BOS] [e_u] [rest of input_ids], prefix positions dropped: (N, T, d).
 
     Positions run 0..T_u+T-1 over the whole sequence, prefix included. After dropping the first T_u
     outputs, hidden[:, t] is the state that predicts input_ids[:, t + 1], exactly as without a prefix
     (hidden[:, 0] is the last user vector, or BOS when T_u = 0). No attention mask: padding is on the right.
+    With segments (N, T), input_ids are shared-prompt rows, run under shared_prompt_attention.
     """
     user_embeddings = user_model(user_rows)  # (N, T_u, d)
+    T_u = user_embeddings.shape[1]
     inputs_embeds = embed_with_user_prefix(model, input_ids, user_embeddings)  # (N, T_u + T, d)
-    hidden = model(inputs_embeds=inputs_embeds, return_hidden=True)  # (N, T_u + T, d)
-    return hidden[:, user_embeddings.shape[1]:]  # (N, T, d)
+    if segments is None:
+        hidden = model(inputs_embeds=inputs_embeds, return_hidden=True)  # (N, T_u + T, d)
+    else:
+        segments = torch.cat([segments[:, :1], segments.new_full((len(segments), T_u), PREFIX), segments[:, 1:]],
+                             dim=1)  # (N, T_u + T): e_u belongs to the prefix
+        mask, position_ids = shared_prompt_attention(segments)
+        hidden = model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
+                       return_hidden=True)  # (N, T_u + T, d)
+    return hidden[:, T_u:]  # (N, T, d)
+
+
+def shared_prompt_hidden(model, user_model, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                         user_rows: torch.Tensor) -> torch.Tensor:
+    """user_conditioned_hidden of policy_rows' (n*2B, T) rows, computed from n*B shared-prompt rows.
+
+    input_ids, response_mask: the batch's two rows per pair (2B, T); user_rows (n*2B,) from policy_rows,
+    each block's chosen and rejected rows with the same row. Returns (n*2B, T, d), as the two-row forward.
+    """
+    shared_ids, segments, two_row_index = shared_prompt_rows(input_ids, response_mask)  # (B, S), (B, S), (2B, T)
+    B = shared_ids.shape[0]
+    n = user_rows.shape[0] // (2 * B)
+    pair_rows = user_rows.view(n, 2, B)[:, 0].reshape(n * B)  # (n*B,): one user row per block and pair
+    hidden = user_conditioned_hidden(model, user_model, shared_ids.repeat(n, 1), pair_rows,
+                                     segments.repeat(n, 1))  # (n*B, S, d)
+    return unshare_hidden(hidden, two_row_index)  # (n*2B, T, d)
 
 
 def response_logps(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
@@ -385,33 +492,54 @@ def split_terms(values: torch.Tensor, blocks: list, names: dict) -> dict:
     return out
 
 
+def policy_hidden(model, user_model, batch: dict, alpha: float, shared_prompt: bool):
+    """policy_rows' final hidden states (n*2B, T, d), from those rows or from shared-prompt rows (the same
+    numbers), with the rows' input_ids (n*2B, T), response_mask (n*2B, T) and blocks."""
+    input_ids, response_mask, user_rows, blocks = policy_rows(batch, alpha, user_model)
+    if shared_prompt:
+        hidden = shared_prompt_hidden(model, user_model, batch["policy_input_ids"], batch["policy_response_mask"],
+                                      user_rows)  # (n*2B, T, d)
+    else:
+        hidden = user_conditioned_hidden(model, user_model, input_ids, user_rows)  # (n*2B, T, d)
+    return hidden, input_ids, response_mask, blocks
+
+
 LOGP_NAMES = {"policy": ("policy_chosen_logps", "policy_rejected_logps"),
               "generic": ("generic_chosen_logps", "generic_rejected_logps")}
 
 
-def policy_logps(model, user_model, batch: dict, alpha: float, average: bool = False) -> dict:
+def policy_logps(model, user_model, batch: dict, alpha: float, average: bool = False,
+                 shared_prompt: bool = False) -> dict:
     """log pi(y_w | x, u), log pi(y_l | x, u) and, for eq. (pdpo)'s generic term, the same with e_0.
 
-    One forward of 2B or 4B rows (see policy_rows). Returns a dict of (B,) tensors
+    One forward of 2B or 4B rows (see policy_rows), or of B or 2B shared-prompt rows with shared_prompt
+    (shared_prompt_hidden: the same numbers). Returns a dict of (B,) tensors
     policy_chosen_logps, policy_rejected_logps (None when alpha == 0) and generic_chosen_logps,
     generic_rejected_logps (None when alpha == 1). For evaluation use alpha=1: unknown users already
     have row 0. average: mean over response tokens instead of the sum (for IPO).
     """
-    input_ids, response_mask, user_rows, blocks = policy_rows(batch, alpha, user_model)
-    hidden = user_conditioned_hidden(model, user_model, input_ids, user_rows)  # (n*2B, T, d)
+    hidden, input_ids, response_mask, blocks = policy_hidden(model, user_model, batch, alpha, shared_prompt)
     logps = response_logps(model.output, hidden, input_ids, response_mask, average)  # (n*2B,)
     return split_terms(logps, blocks, LOGP_NAMES)
 
 
 @torch.no_grad()
-def reference_logps(model, batch: dict, average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_logps(model, batch: dict, average: bool = False,
+                    shared_prompt: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi_ref(y_w | x), log pi_ref(y_l | x), each (B,): [BOS] [prompt] [response], no user information.
 
-    One no-grad pass of 2B rows, shared by the personalized and the generic term. The caller picks the
+    One no-grad pass of 2B rows, or of B rows [BOS] [prompt] [y_w] [y_l] with shared_prompt (the same
+    numbers), shared by the personalized and the generic term. The caller picks the
     model: the policy with LoRA adapters disabled, or a frozen copy for full fine-tuning.
     """
     input_ids, response_mask = batch["reference_input_ids"], batch["reference_response_mask"]  # (2B, T')
-    hidden = model(input_ids, return_hidden=True)  # (2B, T', d)
+    if shared_prompt:
+        shared_ids, segments, two_row_index = shared_prompt_rows(input_ids, response_mask)  # (B, S), (2B, T')
+        mask, position_ids = shared_prompt_attention(segments)
+        hidden = model(shared_ids, attention_mask=mask, position_ids=position_ids, return_hidden=True)  # (B, S, d)
+        hidden = unshare_hidden(hidden, two_row_index)  # (2B, T', d)
+    else:
+        hidden = model(input_ids, return_hidden=True)  # (2B, T', d)
     logps = response_logps(model.output, hidden, input_ids, response_mask, average)  # (2B,)
     return tuple(logps.chunk(2))
 
@@ -447,6 +575,8 @@ class PDPOConfig:
     label_smoothing: float = option(0.1, "epsilon of conservative DPO (--loss cdpo only)")
     generic_sampling: bool = option(False, "each pair takes its personalized term with prob. alpha, else its "
                                     "generic term: an unbiased estimate of eq. (pdpo) at vanilla-DPO cost")
+    shared_prompt: bool = option(True, "one row per pair, [prompt] [y_w] [y_l] with y_l masked from y_w: the "
+                                 "prompt runs once instead of twice (same log-probs as two rows)")
     nll_weight: float = option(0.0, "lambda, weight of an NLL term on the chosen responses, mixed by alpha like "
                                "eq. (pdpo) (beyond the paper: keeps generations fluent; 0 = the paper's loss)")
 
@@ -638,7 +768,7 @@ def pdpo_step(model, user_model, batch: dict, reference, cfg: PDPOConfig) -> dic
         keep = torch.rand(batch["user_rows"].shape) < alpha  # (B,)
         batch = {**batch, "user_rows": batch["user_rows"] * keep.to(batch["user_rows"].device)}
         alpha = 1.0
-    policy = policy_logps(model, user_model, batch, alpha, average=cfg.average_logps)
+    policy = policy_logps(model, user_model, batch, alpha, average=cfg.average_logps, shared_prompt=cfg.shared_prompt)
     reference_chosen_logps, reference_rejected_logps = reference(batch)
     B = batch["user_rows"].shape[0]
     chosen_tokens = batch["policy_response_mask"][:B].sum(-1)  # (B,): |y_w|, the chosen rows come first
@@ -671,14 +801,14 @@ REWARD_NAMES = {"policy": ("chosen_rewards", "rejected_rewards"),
                 "generic": ("generic_chosen_rewards", "generic_rejected_rewards")}
 
 
-def personalized_rewards(model, head: RewardHead, user_model, batch: dict, alpha: float) -> dict:
+def personalized_rewards(model, head: RewardHead, user_model, batch: dict, alpha: float,
+                         shared_prompt: bool = False) -> dict:
     """r(x, y_w, u), r(x, y_l, u) and, for the generic term, the same with e_0, each (B,).
 
-    One forward of 2B or 4B rows, like policy_logps. Keys chosen_rewards, rejected_rewards (None when
-    alpha == 0), generic_chosen_rewards, generic_rejected_rewards (None when alpha == 1).
+    One forward of 2B or 4B rows (or shared-prompt rows), like policy_logps. Keys chosen_rewards,
+    rejected_rewards (None when alpha == 0), generic_chosen_rewards, generic_rejected_rewards (None when alpha == 1).
     """
-    input_ids, response_mask, user_rows, blocks = policy_rows(batch, alpha, user_model)
-    hidden = user_conditioned_hidden(model, user_model, input_ids, user_rows)  # (n*2B, T, d)
+    hidden, _, response_mask, blocks = policy_hidden(model, user_model, batch, alpha, shared_prompt)  # (n*2B, T, d)
     return split_terms(head(hidden, response_mask), blocks, REWARD_NAMES)
 
 
@@ -704,6 +834,6 @@ def prm_loss(chosen_rewards, rejected_rewards, generic_chosen_rewards=None, gene
             "generic_accuracies": accuracy(generic_chosen_rewards, generic_rejected_rewards)}
 
 
-def prm_step(model, head: RewardHead, user_model, batch: dict, alpha: float) -> dict:
+def prm_step(model, head: RewardHead, user_model, batch: dict, alpha: float, shared_prompt: bool = False) -> dict:
     """P-RM on one batch: rewards of 2B or 4B rows in one forward, then prm_loss (alpha = 1 to score)."""
-    return prm_loss(**personalized_rewards(model, head, user_model, batch, alpha), alpha=alpha)
+    return prm_loss(**personalized_rewards(model, head, user_model, batch, alpha, shared_prompt), alpha=alpha)

@@ -215,7 +215,7 @@ def pdpo_batch_loss(cfg, model, user_model, batch, reference):
 
 
 def prm_batch_loss(cfg, model, user_model, head, batch):
-    out = prlhf.prm_step(model, head, user_model, batch, cfg.alpha)
+    out = prlhf.prm_step(model, head, user_model, batch, cfg.alpha, shared_prompt=cfg.shared_prompt)
     accuracies = out["accuracies"] if cfg.alpha > 0 else out["generic_accuracies"]
     return out["losses"].mean(), {"accuracy": accuracies.float().mean().item()}
 
@@ -243,7 +243,7 @@ def make_reference(cfg, model, train_items, valid_items, collate, autocast, dist
         with torch.no_grad(), reference_model() as ref:
             was = ref.training
             ref.eval()
-            logps = prlhf.reference_logps(ref, batch, average=cfg.average_logps)
+            logps = prlhf.reference_logps(ref, batch, average=cfg.average_logps, shared_prompt=cfg.shared_prompt)
             ref.train(was)
             return logps
 

@@ -103,6 +103,13 @@ def add_model_args(p, layers: int = 8, hidden: int = 512, heads: int = 8, vocab:
     p.add_argument("--vocab", type=int, default=vocab)
 
 
+def add_timing_args(p, reps: int = 3):
+    """--reps, --device and --quick, as the timing benchmarks take them."""
+    p.add_argument("--reps", type=int, default=reps, help="timed repetitions of each contender")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto")
+    p.add_argument("--quick", action="store_true", help="a tiny model, one repetition (smoke test)")
+
+
 def llama_config(layers=8, hidden=512, heads=8, kv_heads=None, intermediate=None, vocab=32000,
                  max_positions=2048) -> lm.ModelConfig:
     """A small LLaMA-style config; intermediate defaults to LLaMA's 8/3 * d rounded up to 32 (7B: 11008)."""

@@ -32,6 +32,8 @@ run model_vs_hf fp32 --dtypes fp32 --reps 3
 run model_vs_hf bf16 --dtypes bf16 --seq 128 --batch 1 --reps 3   # bf16 is emulated (slow) on AVX2-only CPUs
 run generate "" --reps 3
 run grad_checkpointing "" --reps 3
+run shared_prompt ""
+run shared_prompt long-responses --prompt 20 --response 200 --reps 3
 run profile_step ""
 run pdpo_vs_trl "" --rounds 5
 run generic_sampling ""

@@ -117,6 +117,15 @@ def test_grad_checkpointing_quick(capsys):
     assert abs(figures["ckpt_off_saved_estimate_error"]) < 0.05
 
 
+def test_shared_prompt_quick(capsys):
+    import shared_prompt
+
+    shared_prompt.main(["--quick"])
+    figures = last_json(capsys)
+    assert figures["same_reference_logps"] is True
+    assert figures["exact_pdpo_speedup"] > 0 and figures["reference_speedup"] > 0
+
+
 def test_profile_step_quick(capsys):
     import profile_step
 
