@@ -10,6 +10,7 @@ A run directory holds everything a trained model is made of, without pickle:
     reward_head.safetensors    P-RM runs: r_phi's head
     tokenizer.json, ...        the base's tokenizer
     checkpoint/                for --resume: trainable tensors, AdamW state, RNG, data position
+    reference_logps.safetensors  precomputed reference log-probs and their fingerprint (eval.reference_cache)
     metrics.jsonl, eval.json   per-step metrics and the final per-user evaluation
 
 LoRA (Hu et al. 2021) is hand-written here: W x + (alpha / r) B A dropout(x), the reference code's

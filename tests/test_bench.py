@@ -143,6 +143,44 @@ def test_pdpo_vs_trl_quick(capsys):
     assert figures["ours_dpo_peak_mb"] > 0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the check itself runs")
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(BENCH / "gpu_check.py")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "needs CUDA" in r.stdout and "--device cpu --tiny" in r.stdout
+
+
+def test_gpu_check_dry_run_on_cpu(capsys, tmp_path):
+    """The GPU check's own code (training steps in bf16 and fp16 with GradScaler, parity, plan, speed) on a
+    tiny model on the CPU: what the CUDA run does, in seconds."""
+    import gpu_check
+
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path / "report.txt")]) == 0
+    out = capsys.readouterr().out
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["ok"] and figures["bf16"]["adapters_moved"] and figures["fp16"]["adapters_moved"]
+    assert len(figures["fp16"]["losses"]) == 3 and figures["fp16"]["loss_scale"] > 0
+    assert figures["parity_bf16"]["max_rel"] < 0.05 and figures["memory"]["plan_bytes"] > 0
+    assert figures["speed_bf16"]["tokens_per_s"] > 0 and figures["speed_bf16"]["mfu"] is None  # no peak known
+    assert (tmp_path / "report.txt").read_text() == out  # the report file holds what was printed
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--help"])
+    assert "MFU" in capsys.readouterr().out
+
+
+def test_gpu_check_model_flops_by_hand():
+    """LoRA P-DPO step of a 2-layer llama (d 64, q 64, kv 32, h 192, V 256), B 2, rows of 32 + T_u tokens:
+    linears per layer 64*64*2 + 64*32*2 + 64*192*3 = 49,152; 8 rows x 33 tokens x (4 * 2 * 49,152 + 12 * 2 * 64 * 33)
+    + 8 rows x 16 response tokens x 4 * 256 * 64."""
+    import gpu_check
+
+    args = gpu_check.parse_args(["--device", "cpu", "--tiny", "--peak-tflops", "2"])
+    assert gpu_check.model_flops_per_step(gpu_check.model_config(args), args) == 125_579_264
+    assert gpu_check.peak_tflops(args, "cpu") == 2
+
+
 def test_cuda_is_chosen_when_present():
     import common
 
