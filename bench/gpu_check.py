@@ -6,9 +6,10 @@ against the plan, speed. On a CUDA machine in a few minutes; without CUDA it say
 
 1. training: `--steps` optimizer steps of exact P-DPO (individual user model, T_u = 1, alpha 0.5) with LoRA
    r 8 on train.py's default targets and gradient checkpointing, once under bf16 autocast with a bf16 base,
-   once under fp16 autocast with an fp16 base and GradScaler. The pieces are train.py's (autocast_ctx,
-   make_optimizer, pdpo_batch_loss) on synthetic pairs collated by data.collate_pairs, every row
-   max_length tokens; reference log-probs computed once before the steps, adapters off, as train.py does.
+   once under fp16 autocast with an fp16 base and GradScaler. The step is written here from the library
+   pieces train.py is built on (prlhf.pdpo_step, runs.add_lora, torch.autocast, torch.amp.GradScaler,
+   torch.optim.AdamW; bench/ never imports train.py) on synthetic pairs collated by data.collate_pairs, every
+   row max_length tokens; reference log-probs computed once before the steps, adapters off, as train.py does.
    Passes when every loss is finite and the adapters moved (GradScaler did not skip every step).
 2. parity: our forward against transformers' LlamaForCausalLM in bf16 on the same weights (common.hf_twin):
    max and mean |logit difference| relative to the largest |logit|. Passes below --parity-max / --parity-mean.
@@ -45,12 +46,12 @@ import data  # the project's modules, at the root (common puts it on sys.path)
 import model as lm
 import prlhf
 import runs
-import train as T
 
 CONFIG_1B = C.ROOT / "bench" / "configs" / "tinyllama-1.1b.json"
 # dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets; first match wins
 PEAK_TFLOPS = {"H100 PCIE": 756.0, "H200": 989.0, "H100": 989.0, "A100": 312.0}
 N_USERS = 8
+LORA_ALPHA, LORA_DROPOUT, LR, USER_LR, GRAD_CLIP = 16.0, 0.05, 1e-3, 1e-2, 1.0  # train.py's LoRA defaults
 
 
 def parse_args(argv=None):
@@ -111,15 +112,18 @@ def train_steps(cfg: lm.ModelConfig, precision: str, args, device: str) -> dict:
     if device.startswith("cuda"):
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    tcfg = T.TrainConfig(lora_r=args.lora_r, precision=precision, grad_checkpointing=True, user_model="individual",
-                         n_user_tokens=1, alpha=0.5, lr=1e-3, user_lr=1e-2, device=device)
-    model = lm.build_model(cfg, dtype=torch.bfloat16 if precision == "bf16" else torch.float16, device=device)
-    runs.add_lora(model, tcfg.lora_r, tcfg.lora_alpha, tcfg.lora_dropout, tcfg.lora_targets.split(","))
+    pcfg = prlhf.PDPOConfig(user_model="individual", n_user_tokens=1, alpha=0.5)  # exact P-DPO, eq. (pdpo)
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    model = lm.build_model(cfg, dtype=dtype, device=device)
+    runs.add_lora(model, args.lora_r, LORA_ALPHA, LORA_DROPOUT, MP.LORA_TARGETS.split(","))
     model.set_grad_checkpointing(True)
-    user_model = tcfg.make_user_model(N_USERS, model.tok_embeddings.weight, seed=0).to(device)
-    trainables, optimizer = T.make_optimizer(tcfg, model, user_model, None, device)
+    user_model = pcfg.make_user_model(N_USERS, model.tok_embeddings.weight, seed=0).to(device)
+    adapters = [p for p in model.parameters() if p.requires_grad]
+    trainables = adapters + list(user_model.parameters())
+    optimizer = torch.optim.AdamW([{"params": adapters, "lr": LR}, {"params": list(user_model.parameters()),
+                                   "lr": USER_LR}], weight_decay=0.0, fused=device.startswith("cuda") or None)
     scaler = torch.amp.GradScaler(device.split(":")[0], enabled=precision == "fp16")
-    autocast = T.autocast_ctx(tcfg, device)
+    autocast = torch.autocast(device_type=device.split(":")[0], dtype=dtype)
     batches = [synthetic_batch(cfg, args.batch, args.max_length, device, seed) for seed in range(args.steps)]
     model.eval()
     with torch.no_grad(), runs.lora_disabled(model), autocast:  # pi_ref, precomputed as train.py does
@@ -129,10 +133,10 @@ def train_steps(cfg: lm.ModelConfig, precision: str, args, device: str) -> dict:
     for batch, reference in zip(batches, references):
         def step():
             with autocast:
-                loss, _ = T.pdpo_batch_loss(tcfg, model, user_model, batch, lambda b: reference)
+                loss = prlhf.pdpo_step(model, user_model, batch, lambda b: reference, pcfg)["losses"].mean()
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(list(trainables.values()), tcfg.grad_clip)
+            torch.nn.utils.clip_grad_norm_(trainables, GRAD_CLIP)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)

@@ -195,3 +195,13 @@ def test_toy_seeds_one_run(capsys, tmp_path):
     assert last_json(capsys)["length"]["seeds"] == [0]
     assert set(figures["length"]["checks"][0]) == {"pdpo_accuracy", "pdpo_as_preferred", "pdpo_clean",
                                                    "dpo_fails_minority"}
+
+
+def test_bench_and_eval_never_import_train():
+    """One-way house: train.py imports the library; eval.py and bench/ never import train.py (they run it)."""
+    import re
+
+    files = [BENCH.parent / "eval.py", *sorted(BENCH.glob("*.py"))]
+    offenders = [f"{f.name}:{n}" for f in files for n, line in enumerate(f.read_text().splitlines(), 1)
+                 if re.match(r"\s*(import train\b|from train import)", line)]
+    assert not offenders, offenders
