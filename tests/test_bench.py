@@ -205,3 +205,32 @@ def test_bench_and_eval_never_import_train():
     offenders = [f"{f.name}:{n}" for f in files for n, line in enumerate(f.read_text().splitlines(), 1)
                  if re.match(r"\s*(import train\b|from train import)", line)]
     assert not offenders, offenders
+
+
+def test_tldr_shaped_tiny_counts_policy_tokens_by_hand(capsys, tmp_path):
+    """4 pairs, prompts of 8 tokens, responses of 4 + EOS, batch 2, no padding. Per pair and term the policy
+    sees, two rows: 2 (1 + 8 + 5) = 28 (TRL, whose prompt starts with our BOS, and vanilla DPO), 2 (1 + T_u
+    + 8 + 5) = 30 (P-DPO, T_u = 1; two terms, 60 per pair); one shared row: 1 + 8 + 5 + 5 = 19 (DPO), 20
+    (P-DPO), each the floor 1 + T_u + |x| + |y_w| + |y_l|."""
+    import tldr_shaped
+
+    out = tmp_path / "tldr.json"
+    tldr_shaped.main(["--tiny", "--prompt-spread", "0", "--response-spread", "0", "--json-out", str(out)])
+    printed = capsys.readouterr().out
+    figures = json.loads(printed.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == figures
+    expected = {"trl_dpo": (28, 19), "dpo_two_row": (28, 19), "pdpo_two_row": (30, 20)}
+    if figures["config"]["shared_prompt_available"]:
+        expected.update({"dpo_shared": (19, 19), "pdpo_shared": (20, 20)})
+    else:
+        assert "skipping dpo_shared, pdpo_shared" in printed
+    rows = ([c.strip() for c in line.strip(" |").split("|")] for line in printed.splitlines() if line.startswith("| "))
+    table = {cells[0]: cells for cells in rows}
+    for arm, (per_term, floor) in expected.items():
+        f = figures[arm]
+        assert (f["policy_tokens_per_pair_term"], f["floor_per_pair_term"]) == (per_term, floor), arm
+        assert f["policy_tokens_per_pair"] == per_term * f["terms"] and f["pairs_per_s"] > 0
+        row = table[arm]  # arm, pairs/s, time, reference, tokens / pair, terms, per term, floor, per term / floor
+        assert row[4:8] == [f"{per_term * f['terms']:.1f}", str(f["terms"]), f"{per_term:.1f}", f"{floor:.1f}"], row
+    assert figures["same_tokens_as_trl"]
+    assert {"dpo_two_row_vs_trl_throughput", "pdpo_vs_dpo_time_two_row"} <= set(figures["ratios"])
