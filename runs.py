@@ -10,18 +10,21 @@ A run directory holds everything a trained model is made of, without pickle:
     reward_head.safetensors    P-RM runs: r_phi's head
     tokenizer.json, ...        the base's tokenizer
     checkpoint/                for --resume: trainable tensors, AdamW state, RNG, data position
+    reference_logps.safetensors  precomputed reference log-probs and their fingerprint (eval.reference_cache)
     metrics.jsonl, eval.json   per-step metrics and the final per-user evaluation
 
 LoRA (Hu et al. 2021) is hand-written here: W x + (alpha / r) B A dropout(x), the reference code's
 adapters on attention, MLP and token embedding. With LoRA the reference model pi_ref is the same
 weights with the adapters switched off (lora_disabled), so it costs no second copy.
 
-Reading order: command-line helpers, LoRA, atomic files, runs (load, save), checkpoints.
+Reading order: command-line helpers, LoRA, atomic files and digests, runs (load, save, their weights'
+digest), checkpoints.
 """
 from __future__ import annotations
 
 import contextlib
 import copy
+import hashlib
 import json
 import math
 import os
@@ -192,6 +195,16 @@ def read_json(file: Path):
         raise ValueError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
 
 
+def file_digest(files) -> str:
+    """sha256 over the bytes of `files`, one after another, read in 16 MiB chunks (a 7B checkpoint: ~30 s)."""
+    h = hashlib.sha256()
+    for file in files:
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    return h.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------
 # Runs: open what train.py wrote, and write it
 
@@ -222,6 +235,19 @@ def load_base(path, dtype, device) -> lm.Transformer:
         load_tensors_into(model, path / "adapter.safetensors")
         return merge_lora(model)
     return lm.load_pretrained(path, dtype=dtype, device=device)
+
+
+def weights_digest(path) -> str:
+    """sha256 of what load_base(path) builds its weights from: config.json and the safetensors files of a
+    Hugging Face checkpoint, or, for a LoRA run of ours, its adapters, their r / alpha / targets and the
+    digest of its base. Checkpoint/, metrics and the rest of a run directory are not weights."""
+    path = Path(path)
+    if is_run_dir(path) and (path / "adapter.safetensors").is_file():
+        args = read_json(path / "args.json")
+        lora = [args["lora_r"], args["lora_alpha"], args["lora_targets"], weights_digest(args["model"]),
+                file_digest([path / "adapter.safetensors"])]
+        return hashlib.sha256(json.dumps(lora).encode()).hexdigest()
+    return file_digest([path / "config.json", *sorted(set(lm.checkpoint_files(path).values()))])
 
 
 @dataclass

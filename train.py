@@ -96,7 +96,12 @@ class TrainConfig(prlhf.PDPOConfig):
     precision: str = option("fp32", "fp32, bf16 autocast (CPU/CUDA), fp16 autocast with loss scaling (CUDA)",
                             choices=["fp32", "bf16", "fp16"])
     grad_checkpointing: bool = option(False, "recompute block activations in backward")
-    precompute_reference: bool = option(True, "compute reference log-probs once before training (no reference pass per step)")
+    precompute_reference: bool = option(True, "compute reference log-probs once before training (no reference pass per step), "
+                                        "kept in the run directory for --resume")
+    reference_cache: str = option("auto", "folder where runs share precomputed reference log-probs, one file per "
+                                  "fingerprint of their inputs (eval.reference_fingerprint); auto: "
+                                  "$XDG_CACHE_HOME/prlhf/reference, else ~/.cache/prlhf/reference; off: none",
+                                  metavar="DIR")
     device: str = option("auto", "cpu, cuda, or auto")
     parallel: str = option("ddp", "under torchrun (distributed.py): ddp, a full replica per GPU; fsdp, weights, "
                            "gradients and AdamW state sharded per transformer block. A single process ignores it",
@@ -224,12 +229,24 @@ def prm_batch_loss(cfg, model, user_model, head, batch):
 # The reference model pi_ref, and evaluation on --valid
 
 
-def make_reference(cfg, model, train_items, valid_items, collate, autocast, dist):
+def reference_cache_dir(setting: str) -> Path | None:
+    """--reference-cache: the folder shared by runs, or None when "off"."""
+    if setting == "off":
+        return None
+    if setting == "auto":
+        return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "prlhf" / "reference"
+    return Path(setting).expanduser()
+
+
+def make_reference(cfg, model, tokenizer, train_items, valid_items, collate, autocast, dist):
     """reference(batch) -> (reference_chosen_logps, reference_rejected_logps).
 
     The reference is the starting model without user embedding (PAPER.md). With LoRA it is the same
     weights with adapters off; for full fine-tuning, log-probs are computed once before training
     (policy == reference at step 0), or a frozen copy is kept when --no-precompute-reference.
+    Precomputed log-probs go into the run directory (read again by --resume) and into --reference-cache,
+    where a later run with the same inputs (eval.reference_fingerprint) finds them: the P-DPO arm after
+    the vanilla DPO arm from the same SFT model and data, say.
     """
     if runs.lora_modules(model):
         reference_model = lambda: runs.lora_disabled(model)  # noqa: E731
@@ -249,8 +266,16 @@ def make_reference(cfg, model, train_items, valid_items, collate, autocast, dist
 
     if not cfg.precompute_reference:
         return online
+    fingerprint = evaluation.reference_fingerprint(
+        cfg.model, tokenizer, [cfg.data, cfg.valid], max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
+        average_logps=cfg.average_logps, weights_dtype=model.tok_embeddings.weight.dtype, precision=cfg.precision)
+    shared = reference_cache_dir(cfg.reference_cache)
+    files = [Path(cfg.out) / evaluation.REFERENCE_FILE]
+    if shared is not None:
+        files.append(shared / f"{fingerprint['sha256']}.safetensors")
     return evaluation.reference_cache(online, {"train": train_items, "valid": valid_items}, collate,
-                                      batch_size=max(cfg.batch_size, 8), autocast=autocast, dist=dist, quiet=cfg.quiet)
+                                      batch_size=max(cfg.batch_size, 8), autocast=autocast, dist=dist, quiet=cfg.quiet,
+                                      fingerprint=fingerprint, files=files)
 
 
 PADDING = "<padding>"  # group of the copies that give every rank as many pairs to evaluate
@@ -404,7 +429,7 @@ def setup(cfg: TrainConfig) -> Training:
     dist.wrap(model, user_model, head)  # DDP or FSDP2 under torchrun: forwards go through dist.wrapped
     autocast = autocast_ctx(cfg, device)
     t1 = time.perf_counter()
-    reference = make_reference(cfg, model, train_items, valid_items, collate, autocast, dist) \
+    reference = make_reference(cfg, model, tokenizer, train_items, valid_items, collate, autocast, dist) \
         if cfg.stage == "pdpo" else None
     timing = {"setup_s": t1 - t0, "reference_s": time.perf_counter() - t1}
 

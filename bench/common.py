@@ -177,14 +177,16 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_worker(script: Path, args: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
+def run_worker(script: Path, args: list[str], env: dict | None = None, timeout: float = 1800,
+               track_memory: bool = True) -> dict:
     """Run `python script args` in a fresh process; return the JSON object on its last line.
 
-    glibc keeps freed blocks of up to 32 MiB in its heap by default, so resident memory would lag
-    behind what torch has freed; a fixed mmap threshold makes large frees go back to the kernel and
-    the resident-memory peak follow the live tensors.
+    track_memory: glibc keeps freed blocks of up to 32 MiB in its heap by default, so resident memory
+    would lag behind what torch has freed; a fixed mmap threshold makes large frees go back to the kernel
+    and the resident-memory peak follow the live tensors. It costs time (every large tensor is a fresh
+    mmap and its page faults: a small CPU training run took 2x as long), so a benchmark of speed alone turns it off.
     """
-    full_env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", **(env or {})}
+    full_env = {**os.environ, **({"MALLOC_MMAP_THRESHOLD_": "65536"} if track_memory else {}), **(env or {})}
     proc = subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, env=full_env,
                           timeout=timeout, cwd=ROOT)
     if proc.returncode != 0:
@@ -216,3 +218,74 @@ def run_train_script(**fields) -> Path:
     finally:
         sys.argv = argv
     return Path(fields["out"])
+
+
+def run_arms(script: Path, arms: list[str], args: list[str], rounds: int = 1,
+             track_memory: bool = True) -> dict[str, list[dict]]:
+    """Each arm `rounds` times, each run `script --worker ARM args` in a fresh process (run_worker), the
+    order reversed every other round (A B C, then C B A) so a slow spell of a shared machine hits all arms."""
+    results = {arm: [] for arm in arms}
+    for r in range(rounds):
+        for arm in (arms if r % 2 == 0 else arms[::-1]):
+            results[arm].append(run_worker(script, ["--worker", arm, *args], track_memory=track_memory))
+    return results
+
+
+# ----------------------------------------------------------------------------------------------
+# What a training run feeds its policy, and TRL's DPOTrainer as the baseline
+
+
+def count_policy_tokens(kinds: tuple) -> dict:
+    """Count rows x positions of every forward with gradients (the policy's, not a no-grad reference pass)
+    through a module of one of these classes, padding included, from the hidden states it returns.
+
+    A global forward hook, so it also sees models built inside a script run by run_train_script. Kinds:
+    model.Transformer for ours; the inner model (LlamaModel) for transformers, whose output holds
+    last_hidden_state. Returns the dict it keeps adding to: {"tokens": ..., "forwards": ...}.
+    """
+    seen = {"tokens": 0, "forwards": 0}
+
+    def hook(module, args, output):
+        if isinstance(module, kinds) and torch.is_grad_enabled():
+            hidden = getattr(output, "last_hidden_state", output)  # (N, T, d), or logits (N, T, V)
+            seen["tokens"] += hidden.shape[0] * hidden.shape[1]
+            seen["forwards"] += 1
+
+    torch.nn.modules.module.register_module_forward_hook(hook)
+    return seen
+
+
+def run_trl_dpo(base: Path, pairs_file: Path, out: Path, device: str, *, batch_size: int, precision: str, lr: float,
+                beta: float, max_length: int, seed: int, warmup_steps: int, max_steps: int = -1,
+                epochs: float = 1.0) -> dict:
+    """Vanilla DPO with TRL's DPOTrainer on our checkpoint and pairs file, as configured as train.py's run
+    (AdamW, cosine schedule with linear warm-up, clipping 1.0, no gradient checkpointing, no truncation).
+
+    TRL's prompts start with the BOS token ours adds, so both sides train on the same token sequences.
+    Returns tokens (of its tokenized dataset: 2 |prompt| + |chosen| + |rejected| per pair) and train_s,
+    the wall seconds of trainer.train(), which holds its reference forward at every step.
+    """
+    import datasets
+    import transformers
+    from trl import DPOConfig, DPOTrainer
+
+    import data
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(base)
+    model = transformers.AutoModelForCausalLM.from_pretrained(base, attn_implementation="sdpa", dtype="float32")
+    rows = [{"prompt": tokenizer.bos_token + p.prompt, "chosen": p.chosen, "rejected": p.rejected}
+            for p in data.read_pairs(pairs_file)]
+    config = DPOConfig(output_dir=str(out), per_device_train_batch_size=batch_size, gradient_accumulation_steps=1,
+                       max_steps=max_steps, num_train_epochs=epochs, learning_rate=lr, beta=beta,
+                       max_length=max_length, lr_scheduler_type="cosine", warmup_steps=warmup_steps,
+                       max_grad_norm=1.0, weight_decay=0.0, gradient_checkpointing=False,
+                       bf16=precision == "bf16", use_cpu=device == "cpu", seed=seed,
+                       logging_steps=10_000, report_to="none", save_strategy="no", disable_tqdm=True,
+                       dataloader_num_workers=0)
+    trainer = DPOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
+                         processing_class=tokenizer)
+    ds = trainer.train_dataset
+    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]))
+    t0 = time.perf_counter()
+    trainer.train()
+    return {"tokens": tokens, "train_s": time.perf_counter() - t0}

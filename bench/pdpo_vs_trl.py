@@ -178,45 +178,21 @@ def worker(args):
         fields = dict(stage="pdpo", model=str(workdir / "base"), data=str(workdir / "train.jsonl"), out=str(out),
                       batch_size=args.batch_size, grad_accum=1, max_steps=args.steps, warmup_steps=2,
                       precision=args.precision, quiet=True, device=device, max_prompt_length=50_000,
-                      **common, **overrides)
+                      reference_cache="off", **common, **overrides)  # every run pays its own precompute
         C.run_train_script(**fields)
         timing = json.loads((out / "timing.json").read_text())  # the one-off precompute, timed by train.py
         extra["precompute_s"] = timing["reference_s"] if fields.get("precompute_reference", True) else 0.0
     else:
-        extra.update(run_trl(args, workdir, out, device, common))
+        r = C.run_trl_dpo(workdir / "base", workdir / "train.jsonl", out, device, batch_size=args.batch_size,
+                          precision=args.precision, lr=common["lr"], beta=common["beta"],
+                          max_length=common["max_length"], seed=common["seed"], warmup_steps=2,
+                          max_steps=args.steps)
+        extra["tokens"] = r["tokens"]
     steady = [b - a for a, b in zip(step_times[2:], step_times[3:])]  # intervals after two warm-up steps
     peak = (torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda")
             else C.peak_rss_mb() - baseline)
     C.emit_json({"arm": arm, "pairs_per_s": args.batch_size / (sum(steady) / len(steady)), "steps": len(step_times),
                  "peak_mb": peak, **extra})
-
-
-def run_trl(args, workdir: Path, out: Path, device: str, common: dict) -> dict:
-    import datasets
-    import transformers
-    from trl import DPOConfig, DPOTrainer
-
-    import data
-
-    tokenizer = transformers.AutoTokenizer.from_pretrained(workdir / "base")
-    model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "base", attn_implementation="sdpa",
-                                                              dtype="float32")
-    bos = tokenizer.bos_token  # ours puts BOS first; so does this prompt (a special token in the text)
-    rows = [{"prompt": bos + p.prompt, "chosen": p.chosen, "rejected": p.rejected}
-            for p in data.read_pairs(workdir / "train.jsonl")]
-    config = DPOConfig(output_dir=str(out), per_device_train_batch_size=args.batch_size, gradient_accumulation_steps=1,
-                       max_steps=args.steps, learning_rate=common["lr"], beta=common["beta"],
-                       max_length=common["max_length"], lr_scheduler_type="cosine", warmup_steps=2,
-                       max_grad_norm=1.0, weight_decay=0.0, gradient_checkpointing=False,
-                       bf16=args.precision == "bf16", use_cpu=device == "cpu", seed=common["seed"],
-                       logging_steps=10_000, report_to="none", save_strategy="no", disable_tqdm=True,
-                       dataloader_num_workers=0)
-    trainer = DPOTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows),
-                         processing_class=tokenizer)
-    ds = trainer.train_dataset
-    tokens = sum(2 * len(p) + len(c) + len(r) for p, c, r in zip(ds["prompt_ids"], ds["chosen_ids"], ds["rejected_ids"]))
-    trainer.train()
-    return {"tokens": tokens}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -238,12 +214,9 @@ def main(argv=None):
     print(f"pdpo_vs_trl: tiny LLaMA {args.layers} layers, d {args.hidden}, {setup['params']:,} parameters, vocab "
           f"{setup['vocab']}; {len(setup['items'])} pairs, rows up to {setup['longest']} tokens, batch {args.batch_size}, "
           f"{args.steps} steps, {args.precision}; {device}; {args.rounds} alternating rounds, a fresh process per run")
-    results = {arm: [] for arm in arms}
     passthrough = ["--workdir", str(workdir), "--batch-size", str(args.batch_size), "--steps", str(args.steps),
                    "--precision", args.precision, "--device", device, "--threads", str(args.threads)]
-    for r in range(args.rounds):
-        for arm in (arms if r % 2 == 0 else arms[::-1]):
-            results[arm].append(C.run_worker(SCRIPT, ["--worker", arm, *passthrough]))
+    results = C.run_arms(SCRIPT, arms, passthrough, args.rounds)
     med = {arm: {k: C.median([x[k] for x in runs]) for k in ("pairs_per_s", "peak_mb")} for arm, runs in results.items()}
     for arm, runs in results.items():
         med[arm]["pairs_s_spread"] = C.spread([x["pairs_per_s"] for x in runs])

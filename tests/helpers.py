@@ -32,3 +32,23 @@ def toy_setup(d: str | Path, *, pairs_per_user: int, n_valid_per_user: int, n_un
     data.write_pairs(d / "train.jsonl", train_pairs[:n_train])
     data.write_pairs(d / "valid.jsonl", valid_pairs)
     return d
+
+
+def train_interrupted_at(step: int, cfg, monkeypatch) -> int:
+    """train.train(cfg) stopped as Ctrl-C would stop it when optimizer step `step` begins; its exit code
+    (130: a checkpoint of the last step boundary is kept, for --resume)."""
+    import pytest
+
+    import train
+
+    real_get_lr = train.get_lr
+
+    def interrupt(s, *args):
+        if s == step:
+            raise KeyboardInterrupt
+        return real_get_lr(s, *args)
+
+    with monkeypatch.context() as patched, pytest.raises(SystemExit) as exit_info:
+        patched.setattr(train, "get_lr", interrupt)
+        train.train(cfg)
+    return exit_info.value.code

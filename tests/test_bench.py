@@ -152,6 +152,44 @@ def test_pdpo_vs_trl_quick(capsys):
     assert figures["ours_dpo_peak_mb"] > 0
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a CUDA machine the check itself runs")
+def test_gpu_check_without_cuda_says_so_and_exits_0():
+    import subprocess
+
+    r = subprocess.run([sys.executable, str(BENCH / "gpu_check.py")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "needs CUDA" in r.stdout and "--device cpu --tiny" in r.stdout
+
+
+def test_gpu_check_dry_run_on_cpu(capsys, tmp_path):
+    """The GPU check's own code (training steps in bf16 and fp16 with GradScaler, parity, plan, speed) on a
+    tiny model on the CPU: what the CUDA run does, in seconds."""
+    import gpu_check
+
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path / "report.txt")]) == 0
+    out = capsys.readouterr().out
+    figures = json.loads(out.strip().splitlines()[-1])
+    assert figures["ok"] and figures["bf16"]["adapters_moved"] and figures["fp16"]["adapters_moved"]
+    assert len(figures["fp16"]["losses"]) == 3 and figures["fp16"]["loss_scale"] > 0
+    assert figures["parity_bf16"]["max_rel"] < 0.05 and figures["memory"]["plan_bytes"] > 0
+    assert figures["speed_bf16"]["tokens_per_s"] > 0 and figures["speed_bf16"]["mfu"] is None  # no peak known
+    assert (tmp_path / "report.txt").read_text() == out  # the report file holds what was printed
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--help"])
+    assert "MFU" in capsys.readouterr().out
+
+
+def test_gpu_check_model_flops_by_hand():
+    """LoRA P-DPO step of a 2-layer llama (d 64, q 64, kv 32, h 192, V 256), B 2, rows of 32 + T_u tokens:
+    linears per layer 64*64*2 + 64*32*2 + 64*192*3 = 49,152; 8 rows x 33 tokens x (4 * 2 * 49,152 + 12 * 2 * 64 * 33)
+    + 8 rows x 16 response tokens x 4 * 256 * 64."""
+    import gpu_check
+
+    args = gpu_check.parse_args(["--device", "cpu", "--tiny", "--peak-tflops", "2"])
+    assert gpu_check.model_flops_per_step(gpu_check.model_config(args), args) == 125_579_264
+    assert gpu_check.peak_tflops(args, "cpu") == 2
+
+
 def test_cuda_is_chosen_when_present():
     import common
 
@@ -166,3 +204,42 @@ def test_toy_seeds_one_run(capsys, tmp_path):
     assert last_json(capsys)["length"]["seeds"] == [0]
     assert set(figures["length"]["checks"][0]) == {"pdpo_accuracy", "pdpo_as_preferred", "pdpo_clean",
                                                    "dpo_fails_minority"}
+
+
+def test_bench_and_eval_never_import_train():
+    """One-way house: train.py imports the library; eval.py and bench/ never import train.py (they run it)."""
+    import re
+
+    files = [BENCH.parent / "eval.py", *sorted(BENCH.glob("*.py"))]
+    offenders = [f"{f.name}:{n}" for f in files for n, line in enumerate(f.read_text().splitlines(), 1)
+                 if re.match(r"\s*(import train\b|from train import)", line)]
+    assert not offenders, offenders
+
+
+def test_tldr_shaped_tiny_counts_policy_tokens_by_hand(capsys, tmp_path):
+    """4 pairs, prompts of 8 tokens, responses of 4 + EOS, batch 2, no padding. Per pair and term the policy
+    sees, two rows: 2 (1 + 8 + 5) = 28 (TRL, whose prompt starts with our BOS, and vanilla DPO), 2 (1 + T_u
+    + 8 + 5) = 30 (P-DPO, T_u = 1; two terms, 60 per pair); one shared row: 1 + 8 + 5 + 5 = 19 (DPO), 20
+    (P-DPO), each the floor 1 + T_u + |x| + |y_w| + |y_l|."""
+    import tldr_shaped
+
+    out = tmp_path / "tldr.json"
+    tldr_shaped.main(["--tiny", "--prompt-spread", "0", "--response-spread", "0", "--json-out", str(out)])
+    printed = capsys.readouterr().out
+    figures = json.loads(printed.strip().splitlines()[-1])
+    assert json.loads(out.read_text()) == figures
+    expected = {"trl_dpo": (28, 19), "dpo_two_row": (28, 19), "pdpo_two_row": (30, 20)}
+    if figures["config"]["shared_prompt_available"]:
+        expected.update({"dpo_shared": (19, 19), "pdpo_shared": (20, 20)})
+    else:
+        assert "skipping dpo_shared, pdpo_shared" in printed
+    rows = ([c.strip() for c in line.strip(" |").split("|")] for line in printed.splitlines() if line.startswith("| "))
+    table = {cells[0]: cells for cells in rows}
+    for arm, (per_term, floor) in expected.items():
+        f = figures[arm]
+        assert (f["policy_tokens_per_pair_term"], f["floor_per_pair_term"]) == (per_term, floor), arm
+        assert f["policy_tokens_per_pair"] == per_term * f["terms"] and f["pairs_per_s"] > 0
+        row = table[arm]  # arm, pairs/s, time, reference, tokens / pair, terms, per term, floor, per term / floor
+        assert row[4:8] == [f"{per_term * f['terms']:.1f}", str(f["terms"]), f"{per_term:.1f}", f"{floor:.1f}"], row
+    assert figures["same_tokens_as_trl"]
+    assert {"dpo_two_row_vs_trl_throughput", "pdpo_vs_dpo_time_two_row"} <= set(figures["ratios"])

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 import model as lm
 import runs
 import train as T
-from tests.helpers import toy_setup
+from tests.helpers import toy_setup, train_interrupted_at
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,20 +84,8 @@ def test_short_run_loss_falls(toy, tmp_path):
 def test_resume_equals_uninterrupted(toy, tmp_path, monkeypatch):
     kw = dict(max_steps=8, save_every=1, lora_r=0, user_lr=1e-2)
     T.train(config(toy, tmp_path / "straight", **kw))
-
-    real_get_lr = T.get_lr
-
-    def interrupt_at_step_5(step, *args):
-        if step == 5:
-            raise KeyboardInterrupt  # as Ctrl-C would, in the middle of the run
-        return real_get_lr(step, *args)
-
-    monkeypatch.setattr(T, "get_lr", interrupt_at_step_5)
-    with pytest.raises(SystemExit) as exit_info:
-        T.train(config(toy, tmp_path / "resumed", **kw))
-    assert exit_info.value.code == 130
+    assert train_interrupted_at(5, config(toy, tmp_path / "resumed", **kw), monkeypatch) == 130
     assert json.loads((tmp_path / "resumed" / "checkpoint" / "state.json").read_text())["step"] == 5
-    monkeypatch.setattr(T, "get_lr", real_get_lr)
     T.train(config(toy, tmp_path / "resumed", resume=True, **kw))
     a, b = trained_tensors(tmp_path / "straight"), trained_tensors(tmp_path / "resumed")
     assert set(a) == set(b)
