@@ -14,7 +14,8 @@ In reading order:
   4. Batching       make_batches: length-bucketed, seeded, shardable
   5. Collate        collate_pairs (P-DPO / P-RM) and collate_sft (supervised fine-tuning)
   6. Converters     the paper's TL;DR "conflicting length preferences" task, P-SOUPS and PRISM, from local files
-  7. Toy task       a synthetic 70/30 length-preference task that needs no download
+  7. Toy task       a synthetic 70/30 length-preference task that needs no download; instructions for a
+                    real chat model (train.py --example smollm2)
   8. Command line   python data.py {check,toy,tldr,psoups,prism} ...
 
 Only `tokenizers`, `numpy` and `torch` are used; nothing here touches the network.
@@ -1303,6 +1304,68 @@ def toy_corpus_texts(seed: int = 0, n_examples: int = 2000, task: str = "length"
         prompt, answers = _toy_example(rng, task)
         texts.extend(" " + text for text in (prompt, *answers.values()))
     return texts
+
+
+# ----------------------------------------------------------------------------------------------------
+# 7b. Built-in instructions for a real chat model (train.py --example smollm2): written here, no download
+# ----------------------------------------------------------------------------------------------------
+
+_SUBJECTS = ["the moon", "rain", "coffee", "bicycles", "libraries", "volcanoes", "honey bees", "the ocean",
+             "bread", "winter", "trains", "chess", "gardening", "the piano", "deserts", "owls", "recycling",
+             "maps", "tea", "mountains", "clocks", "football", "penguins", "electricity", "soap", "rivers",
+             "cheese", "the internet", "snow", "birthdays", "museums", "candles", "friendship", "bridges",
+             "rainbows", "cats", "dogs", "apples", "the sun", "umbrellas", "books", "forests", "music", "kites"]
+_INSTRUCTIONS = ["Tell me about {}.", "What is interesting about {}?", "Describe {}.", "Why do people like {}?",
+                 "Give me a fact about {}.", "How would you explain {} to a child?", "What should I know about {}?",
+                 "Write a few words about {}."]
+# Hidden from the preference data: appended to the question only when sampling, so that each prompt gets
+# one short and one long answer written by the model itself (like the paper's SFT summaries of one post).
+LENGTH_HINTS = {"short": " Answer in one short sentence.", "long": " Answer in detail, in a few sentences."}
+
+
+def make_instructions(n: int, seed: int = 0) -> list[str]:
+    """n distinct instructions from templates x subjects (352 in all), in a seeded order."""
+    pool = [t.format(s) for t in _INSTRUCTIONS for s in _SUBJECTS]
+    if n > len(pool):
+        raise ValueError(f"asked for {n} instructions; the templates make {len(pool)}")
+    return random.Random(seed).sample(pool, n)
+
+
+def chatml(question: str, system: str = "You are a helpful assistant.") -> str:
+    """A one-turn ChatML prompt, SmolLM2's (and Qwen's) chat template, ending where the assistant answers:
+
+        <|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n<|im_start|>assistant\n
+    """
+    return (f"<|im_start|>system\n{system}<|im_end|>\n<|im_start|>user\n{question}<|im_end|>\n"
+            f"<|im_start|>assistant\n")
+
+
+def length_preference_pairs(samples: list[dict], users: dict[str, str], seed: int = 0, judges: int = 1,
+                            balanced: bool = False, group_prefix: str = "") -> list[Pair]:
+    """Pairs of the paper's experiment 1 from sampled answers: each user prefers their group's length.
+
+    samples: {"question", "prompt", "short", "long"}; users: name -> "long" or "short". Each sample is judged
+    by `judges` distinct users drawn at random (seeded), so groups keep their share of the pairs and users of
+    both groups often judge the same prompt in opposite ways: a model cannot fit the pairs from the prompt
+    alone, only from who asks. balanced=True takes one user of each group instead, in turn (held-out pairs
+    on which both groups are measured). The preferred answer is the user's kind, the other one is rejected;
+    the pair's group is group_prefix + kind (e.g. "unseen-long").
+    """
+    rng = random.Random(seed)
+    names = sorted(users)
+    by_group = {g: [u for u in names if users[u] == g] for g in ("long", "short")}
+    pairs = []
+    for turn, sample in enumerate(samples):
+        if balanced:
+            chosen_users = [by_group[g][turn % len(by_group[g])] for g in ("long", "short") if by_group[g]]
+        else:
+            chosen_users = rng.sample(names, judges)
+        for user in chosen_users:
+            kind = users[user]
+            other = "short" if kind == "long" else "long"
+            pairs.append(Pair(user=user, prompt=sample["prompt"], chosen=sample[kind], rejected=sample[other],
+                              group=group_prefix + kind))
+    return pairs
 
 
 # ----------------------------------------------------------------------------------------------------

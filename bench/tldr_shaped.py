@@ -15,8 +15,7 @@ fresh process:
   pdpo_two_row   ours, exact P-DPO (--user-model individual --n-user-tokens 1 --alpha 0.5, no
                  --generic-sampling): eq. (pdpo)'s personalized and generic terms, 4B rows [BOS e_u prompt response].
   dpo_shared, pdpo_shared   the same two with --shared-prompt: one row [BOS e_u prompt chosen rejected] per pair
-                 and term. Skipped, with a note, while prlhf.PDPOConfig has no field shared_prompt; the two-row
-                 arms pass --no-shared-prompt once it has.
+                 and term; the two-row arms pass --no-shared-prompt.
 Our arms run with --reference-cache off and a fresh run directory, so each pays its own reference pass.
 
 Time of an arm = wall seconds of two epochs, reference included: ours, timing.json's reference_s (the one-off
@@ -31,7 +30,6 @@ The table, the ratios and, last, a JSON line go to stdout; the JSON also to benc
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import random
@@ -85,12 +83,6 @@ def parse_args(argv=None):
     if unknown:
         p.error(f"--arms {args.arms}: unknown {', '.join(unknown)}; expected a subset of {', '.join(ARMS)}")
     return args
-
-
-def has_shared_prompt() -> bool:
-    import prlhf
-
-    return "shared_prompt" in {f.name for f in dataclasses.fields(prlhf.PDPOConfig)}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -182,8 +174,6 @@ def worker(args) -> dict:
                           precision=args.precision, epochs=EPOCHS, **common)
         result = {"time_s": r["train_s"], "reference_s": None, "tokens": r["tokens"]}
     else:
-        if not has_shared_prompt():  # before the shared-prompt path exists, two rows is the only layout
-            overrides = {k: v for k, v in overrides.items() if k != "shared_prompt"}
         seen = C.count_policy_tokens((lm.Transformer,))
         C.run_train_script(stage="pdpo", model=str(workdir / "base"), data=str(workdir / "train.jsonl"), out=str(out),
                            batch_size=args.batch_size, grad_accum=1, epochs=EPOCHS, precision=args.precision,
@@ -205,10 +195,6 @@ def main(argv=None):
     if args.worker:
         return worker(args)
     arms = args.arms.split(",")
-    if not has_shared_prompt() and any(a.endswith("_shared") for a in arms):
-        print("note: prlhf.PDPOConfig has no field shared_prompt on this branch: skipping "
-              + ", ".join(a for a in arms if a.endswith("_shared")))
-        arms = [a for a in arms if not a.endswith("_shared")]
     if args.workdir:
         return benchmark(args, arms, Path(args.workdir))
     with tempfile.TemporaryDirectory(prefix="tldr_shaped-") as workdir:
@@ -274,7 +260,7 @@ def benchmark(args, arms: list[str], workdir: Path) -> dict:
                              prompt_spread=args.prompt_spread, response_len=args.response_len,
                              response_spread=args.response_spread, batch_size=args.batch_size, epochs=EPOCHS,
                              precision=args.precision, seed=args.seed, rounds=args.rounds, device=device,
-                             machine=C.describe_machine(device), threads=args.threads, shared_prompt_available=has_shared_prompt(),
+                             machine=C.describe_machine(device), threads=args.threads,
                              reference_cache="off")
     out = Path(args.json_out or C.ROOT / "bench" / "results" / f"tldr_shaped-{datetime.date.today().isoformat()}.json")
     out.parent.mkdir(parents=True, exist_ok=True)

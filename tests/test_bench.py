@@ -228,11 +228,8 @@ def test_tldr_shaped_tiny_counts_policy_tokens_by_hand(capsys, tmp_path):
     printed = capsys.readouterr().out
     figures = json.loads(printed.strip().splitlines()[-1])
     assert json.loads(out.read_text()) == figures
-    expected = {"trl_dpo": (28, 19), "dpo_two_row": (28, 19), "pdpo_two_row": (30, 20)}
-    if figures["config"]["shared_prompt_available"]:
-        expected.update({"dpo_shared": (19, 19), "pdpo_shared": (20, 20)})
-    else:
-        assert "skipping dpo_shared, pdpo_shared" in printed
+    expected = {"trl_dpo": (28, 19), "dpo_two_row": (28, 19), "pdpo_two_row": (30, 20), "dpo_shared": (19, 19),
+                "pdpo_shared": (20, 20)}
     rows = ([c.strip() for c in line.strip(" |").split("|")] for line in printed.splitlines() if line.startswith("| "))
     table = {cells[0]: cells for cells in rows}
     for arm, (per_term, floor) in expected.items():

@@ -641,3 +641,26 @@ def test_a_prompt_that_begins_with_bos_gets_no_second_one(tmp_path):
     for key in ("policy_input_ids", "reference_input_ids"):
         row = batch[key][0].tolist()
         assert row[0] == tok.bos_id and row[1] != tok.bos_id, key  # one BOS, then user text / prompt
+
+
+def test_instructions_and_length_preference_pairs():
+    questions = data.make_instructions(40, seed=1)
+    assert len(set(questions)) == 40 and questions == data.make_instructions(40, seed=1)
+    with pytest.raises(ValueError, match="352"):
+        data.make_instructions(353)
+    assert data.chatml("Hi?", "Be kind.") == ("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"
+                                              "<|im_start|>assistant\n")
+    samples = [{"question": q, "prompt": data.chatml(q), "short": f"s{i}", "long": f"long {i}"}
+               for i, q in enumerate(questions)]
+    users = {"a": "long", "b": "long", "c": "short"}
+    pairs = data.length_preference_pairs(samples, users, seed=0, judges=2)
+    assert len(pairs) == 80
+    for first, second in zip(pairs[::2], pairs[1::2]):  # two distinct users judge each prompt
+        assert first.prompt == second.prompt and first.user != second.user
+    for p in pairs:
+        i = p.chosen.split()[-1].lstrip("s")
+        assert (p.chosen, p.rejected) == ((f"long {i}", f"s{i}") if users[p.user] == "long" else (f"s{i}", f"long {i}"))
+        assert p.group == users[p.user]
+    held_out = data.length_preference_pairs(samples[:4], users, balanced=True, group_prefix="unseen-")
+    assert [p.group for p in held_out] == ["unseen-long", "unseen-short"] * 4
+    assert [p.user for p in held_out] == ["a", "c", "b", "c", "a", "c", "b", "c"]

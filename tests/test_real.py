@@ -85,6 +85,14 @@ def test_chat_prompt_gets_one_bos_and_e_u_after_it(hf, ours):
     assert row[-len(prompt) + 1:] == prompt[1:]
 
 
+def test_chatml_is_smollm2s_chat_template(hf):
+    question = "Describe the sea."
+    for system in ("You are a helpful assistant.", "Be brief."):
+        messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
+        assert data.chatml(question, system) == hf[0].apply_chat_template(messages, tokenize=False,
+                                                                           add_generation_prompt=True)
+
+
 def test_logits_equal_transformers_on_real_weights(hf, ours):
     texts = chat_texts(hf[0])
     ids = [ours[0].encode(t) for t in texts]
