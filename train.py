@@ -48,13 +48,15 @@ from prlhf import option
 EXAMPLES = {"toy": "length", "toy-style": "style"}  # --example -> data.TOY_TASKS
 
 # Named recipes: flag values for a kind of run, per stage; flags given explicitly override them. The paper's
-# values stay the defaults. "tiny" is for tiny models trained from scratch (the demo's two toy tasks): beta 2
-# and two epochs, since past that DPO's margins keep growing by making *both* answers unlikely; user
+# values stay the defaults. "tiny" is for tiny models trained from scratch (the demo's two toy tasks): beta 2,
+# lr 7e-4 and 2.5 epochs, since past that DPO's margins keep growing by making *both* answers unlikely (at lr
+# 1e-3 for 2 epochs, some seeds' models mixed up topic words, "the planet" answered as "The cherry is ...";
+# at 5e-4 the 20% poetic group was ranked right but not answered in its style); user
 # embeddings near zero (uniform, r = 0.05), since a random vocabulary row would be read by such a model as a
 # word of the prompt; and an NLL term on the chosen answers (lambda = 1), so the answers stay fluent.
 RECIPES = {"tiny": {
     "sft": dict(lr=3e-3, warmup_steps=10, epochs=10.0, batch_size=16, grad_accum=1),
-    "pdpo": dict(beta=2.0, lr=1e-3, user_lr=3e-3, warmup_steps=10, epochs=2.0, batch_size=8, grad_accum=1,
+    "pdpo": dict(beta=2.0, lr=7e-4, user_lr=3e-3, warmup_steps=10, epochs=2.5, batch_size=8, grad_accum=1,
                  user_init="uniform", user_init_range=0.05, nll_weight=1.0),
 }}
 RECIPES["tiny"]["prm"] = {k: v for k, v in RECIPES["tiny"]["pdpo"].items() if k not in ("beta", "nll_weight")}
@@ -562,7 +564,7 @@ def demo(seed: int = DEMO["seed"], out: str = DEMO["out"], quiet: bool = False, 
     LLaMA-style model is fine-tuned on every kind of answer (SFT), then trained from that SFT model with
     vanilla DPO (uniform user model without embedding, alpha = 1) and with P-DPO (individual user model,
     alpha = 0.5), both with --recipe tiny. Both are evaluated on held-out pairs of known and unseen
-    users, and generate a greedy answer to a quarter of the held-out prompts, as each pair's user.
+    users, and generate a greedy answer to every held-out prompt, as each pair's user.
     """
     t0 = time.perf_counter()
     # tiny matrices: one thread beats two, and does not collapse when another process wants a core
@@ -729,14 +731,14 @@ def smollm2_results(run_dir: Path, valid_pairs: list, quiet: bool) -> dict:
 
 
 def demo_results(run_dir: Path, valid_pairs: list, task: str, quiet: bool) -> dict:
-    """Accuracy per group (eval.json), and the greedy answers to every 4th held-out prompt, each sorted
+    """Accuracy per group (eval.json), and the greedy answers to every held-out prompt, each sorted
     into a kind of the task's answers (data.toy_answer_kind) or "broken": "answers as preferred" is the
     share of known users' answers of their own kind; "clean" the share of all answers of some kind."""
     run = runs.load_run(run_dir)
     items, _ = data.tokenize_pairs(valid_pairs, run.tokenizer, 96, 32)
-    gens = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items[::4],
+    gens = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items,
                                          max_new_tokens=40, desc=None if quiet else f"generating ({run_dir.name})")
-    for g, item in zip(gens, items[::4]):
+    for g, item in zip(gens, items):
         topic = data.toy_topic(valid_pairs[item.index].chosen)
         g["kind"] = data.toy_answer_kind(task, topic, g["response"]) or "broken"
         g["as_preferred"] = None if g["group"] == "unseen" else g["kind"] == g["group"]

@@ -4,7 +4,7 @@
     python bench/toy_seeds.py --tasks style --seeds 0  # one run
 
 Each run is `python train.py --example toy|toy-style --seed S` (SFT, vanilla DPO and P-DPO with --recipe tiny,
-then greedy answers to a quarter of the held-out prompts). Per run and method: accuracy per group (held-out pairs
+then greedy answers to every held-out prompt). Per run and method: accuracy per group (held-out pairs
 ranked by the implicit reward), "answers as preferred" per group (share of known users' greedy answers that are
 exactly an answer of their preferred kind), and the share of clean answers (exactly one of the task's answers,
 for known and unseen users). The targets: P-DPO accuracy and answers as preferred per known group, clean

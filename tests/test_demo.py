@@ -17,10 +17,10 @@ def test_demo_reproduces_the_papers_finding(tmp_path):
     # ... and personalizes what it generates: each user's greedy answer is exactly of their preferred kind
     assert pdpo["long"]["mean_response_tokens"] >= 1.5 * pdpo["short"]["mean_response_tokens"]
     assert pdpo["long"]["answers_as_preferred"] >= 0.9 and pdpo["short"]["answers_as_preferred"] >= 0.9
-    assert results["pdpo"]["clean_answers"] >= 0.95 and results["pdpo"]["answers"] == 70
+    assert results["pdpo"]["clean_answers"] >= 0.95 and results["pdpo"]["answers"] == 280
     assert dpo["short"]["answers_as_preferred"] >= 0.9 and dpo["long"]["answers_as_preferred"] <= 0.1  # all short
     gens = [json.loads(line) for line in (tmp_path / "demo" / "pdpo" / "generations.jsonl").read_text().splitlines()]
-    assert {g["kind"] for g in gens} <= {"long", "short", "broken"} and len(gens) == 70
+    assert {g["kind"] for g in gens} <= {"long", "short", "broken"} and len(gens) == 280
     for name in ("sft", "dpo", "pdpo"):
         args = json.loads((tmp_path / "demo" / name / "args.json").read_text())
         assert args["recipe"] == "tiny" and args["nll_weight"] == (1.0 if name != "sft" else 0.0)
@@ -40,7 +40,7 @@ def test_the_tiny_recipe_serves_three_style_groups(tmp_path):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--recipe", "tiny"], dict(beta=2.0, lr=1e-3, nll_weight=1.0, user_init="uniform")),
+    (["--recipe", "tiny"], dict(beta=2.0, lr=7e-4, epochs=2.5, nll_weight=1.0, user_init="uniform")),
     (["--recipe", "tiny", "--lr", "0.02", "--nll-weight", "0"], dict(beta=2.0, lr=0.02, nll_weight=0.0)),
     (["--recipe", "tiny", "--stage", "sft"], dict(lr=3e-3, epochs=10.0, batch_size=16, nll_weight=0.0)),
     ([], dict(beta=0.5, lr=5e-5, nll_weight=0.0, user_init="vocab")),  # the paper's defaults stay the defaults
