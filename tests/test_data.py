@@ -664,3 +664,11 @@ def test_instructions_and_length_preference_pairs():
     held_out = data.length_preference_pairs(samples[:4], users, balanced=True, group_prefix="unseen-")
     assert [p.group for p in held_out] == ["unseen-long", "unseen-short"] * 4
     assert [p.user for p in held_out] == ["a", "c", "b", "c", "a", "c", "b", "c"]
+
+
+def test_whole_sentences_cuts_after_the_last_complete_sentence():
+    assert data.whole_sentences("Snow is white. It falls in winter. It is col") == "Snow is white. It falls in winter."
+    assert data.whole_sentences("Why? Because it rains!") == "Why? Because it rains!"
+    assert data.whole_sentences("1. Tea\n2. Coffee") == ""  # a list number is no sentence end
+    assert data.whole_sentences("It was built in 1903. Then") == ""  # nor is a number's full stop
+    assert data.whole_sentences("no sentence at all") == ""

@@ -18,6 +18,7 @@ import torch
 import data
 import model as lm
 import runs
+import train
 
 pytestmark = pytest.mark.real
 transformers = pytest.importorskip("transformers")
@@ -150,3 +151,39 @@ def test_lora_pdpo_merge_opens_in_transformers_with_equal_logits(smol, hf, ours,
         a, b, base = trained(ids), theirs(ids).logits, ours[1](ids)
     assert (a - b).abs().max().item() < 1e-3
     assert (a - base).abs().max().item() > 1e-3  # the adapters changed the model
+
+
+def test_smollm2_example_end_to_end_in_small(smol, tmp_path, monkeypatch, capsys):
+    """train.py --example smollm2 at a few prompts and one step per arm: answers sampled from the real model,
+    both arms trained and evaluated, a greedy answer to every held-out pair, a rerun reuses the data, and
+    bench/smollm2_seeds.py reads the run and checks it against the targets."""
+    small = {**train.SMOLLM2, "train_prompts": 6, "valid_prompts": 4, "judges": 2, "answer_tokens": 8,
+             "train": {**train.SMOLLM2["train"], "max_steps": 1, "batch_size": 4}}
+    monkeypatch.setattr(train, "SMOLLM2", small)
+    out = tmp_path / "seed-0"
+    results = train.smollm2_demo(out=str(out), quiet=True, model_dir=str(smol))
+    valid = data.read_pairs(out / "data" / "valid.jsonl")
+    samples = json.loads((out / "data" / "samples.json").read_text())["samples"]
+    assert len(samples) == 10 and all(s["short"] for s in samples if s["short_tokens"] < s["long_tokens"])
+    assert {p.group for p in valid} == {"long", "short", "unseen-long", "unseen-short"}
+    tokens = data.load_tokenizer(smol).encode
+    for p in valid:  # each user's preferred answer is the one of their kind
+        assert (len(tokens(p.chosen)) > len(tokens(p.rejected))) == p.group.endswith("long")
+    for method in ("dpo", "pdpo"):
+        gens = [json.loads(line) for line in open(out / method / "generations.jsonl")]
+        assert len(gens) == len(valid) and all(g["response_tokens"] <= 8 for g in gens)
+        groups = results[method]["groups"]
+        assert sum(g["pairs"] for g in groups.values()) == len(valid)
+        assert results[method]["length_ratio"] == pytest.approx(
+            groups["long"]["mean_response_tokens"] / groups["short"]["mean_response_tokens"])
+    before = (out / "data" / "samples.json").stat().st_mtime_ns
+    assert train.smollm2_demo(out=str(out), quiet=True, model_dir=str(smol)) == results
+    assert (out / "data" / "samples.json").stat().st_mtime_ns == before
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import smollm2_seeds
+
+    _, checks = smollm2_seeds.main(["--seeds", "0", "--workdir", str(tmp_path)])
+    assert checks[0]["length_ratio_1.5"] == (results["pdpo"]["length_ratio"] >= 1.5)
+    assert checks[0]["dpo_minority_below_0.5"] == (results["dpo"]["groups"]["short"]["accuracy"] < 0.5)
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["seeds"] == [0]
