@@ -604,7 +604,7 @@ def demo(seed: int = DEMO["seed"], out: str = DEMO["out"], quiet: bool = False, 
 # The paper's experiment 1 on a real pretrained model (`python train.py --example smollm2`)
 
 # What the CPU budget (under 20 minutes on 2 cores) allows, and why:
-# - answers: greedy under a hidden hint, with no word 3-gram repeated (the 135M model's own greedy text loops),
+# - answers: greedy under a hidden hint, with no token 3-gram repeated (the 135M model's own greedy text loops),
 #   at most 40 / 64 new tokens; a long answer cut by the limit keeps its whole sentences (data.whole_sentences),
 #   so both kinds end where a sentence ends;
 # - each of the training prompts is judged by `judges` of the 10 known users (7 prefer long answers, 3 short),
