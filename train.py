@@ -699,12 +699,12 @@ def smollm2_demo(out: str = "runs/smollm2", seed: int = 0, quiet: bool = False, 
         del model
     common = dict(model=str(base), data=str(data_dir / "train.jsonl"), valid=str(data_dir / "valid.jsonl"),
                   seed=seed, quiet=quiet, **SMOLLM2["train"])
-    samples = runs.read_json(data_dir / "samples.json")
-    base_answers = [s["base"] for s in samples["samples"] if "base" in s]
+    sampled = runs.read_json(data_dir / "samples.json")
+    untrained = [s for s in sampled["samples"] if "base" in s]  # held-out prompts the base model answered
     results = {"base": {"groups": {"held-out": {
-        "accuracy": None, "pairs": None, **evaluation.generation_quality(base_answers),
-        "mean_response_tokens": sum(s["base_tokens"] for s in samples["samples"] if "base" in s) / len(base_answers)}}}}
-    seconds = {"sampling": samples["sampling_s"]}
+        "accuracy": None, "pairs": None, **evaluation.generation_quality([s["base"] for s in untrained]),
+        "mean_response_tokens": sum(s["base_tokens"] for s in untrained) / len(untrained)}}}}
+    seconds = {"sampling": sampled["sampling_s"]}
     for method, arm in {"dpo": prlhf.VANILLA_DPO, "pdpo": SMOLLM2["pdpo"]}.items():
         t = time.perf_counter()
         if not (out / method / "eval.json").is_file():
