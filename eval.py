@@ -428,24 +428,33 @@ def generate_responses(model, user_model, registry, tokenizer, items, *, use_use
                        temperature=0.0, top_p=None, batch_size=32, seed=0, desc=None, **constraints) -> list[dict]:
     """Generate a response to each item's prompt as its user: [BOS] [e_u] [user text] [prompt] -> response.
 
+    Greedy decoding (temperature 0) answers the same prompt with the same user embedding the same way, so
+    each distinct (prompt, e_u) is decoded once: vanilla DPO's users all share e_0, as do unseen users.
     constraints: repetition_penalty, no_repeat_ngram_size, min_new_tokens (model.constrain_logits), off
     unless given."""
-    generator = torch.Generator(device=model.tok_embeddings.weight.device).manual_seed(seed)
-    out = []
-    for start in tqdm(range(0, len(items), batch_size), desc=desc, disable=desc is None, leave=False):
-        chunk = items[start:start + batch_size]
-        prompts = [data.prefix_ids(tokenizer, it.prompt_ids, it.user_text_ids if use_user_text else [])
-                   for it in chunk]
-        prefix = None
-        if user_model is not None:
-            rows = registry.rows([it.user for it in chunk]).to(model.tok_embeddings.weight.device)
-            prefix = user_model(rows)  # (B, T_u, d)
-        new = lm.generate(model, prompts, max_new_tokens, prefix_embeds=prefix, eos_token_id=tokenizer.eos_id,
+    device = model.tok_embeddings.weight.device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    prompts = [data.prefix_ids(tokenizer, it.prompt_ids, it.user_text_ids if use_user_text else []) for it in items]
+    prefix = None  # (N, T_u, d)
+    if user_model is not None:
+        prefix = user_model(registry.rows([it.user for it in items]).to(device)).detach()
+    first, source = {}, []  # (prompt, e_u) -> the first item with them; source[i]: the item decoded for i
+    for i, ids in enumerate(prompts):
+        embedding = b"" if prefix is None else prefix[i].float().cpu().numpy().tobytes()
+        source.append(first.setdefault((tuple(ids), embedding) if temperature == 0 else i, i))
+    todo, answers = list(first.values()), {}
+    for start in tqdm(range(0, len(todo), batch_size), desc=desc, disable=desc is None, leave=False):
+        chunk = todo[start:start + batch_size]
+        new = lm.generate(model, [prompts[i] for i in chunk], max_new_tokens,
+                          prefix_embeds=None if prefix is None else prefix[chunk], eos_token_id=tokenizer.eos_id,
                           temperature=temperature, top_p=top_p, generator=generator, **constraints)
-        for it, ids in zip(chunk, new):
-            text_ids = ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids
-            out.append({"user": it.user, "group": it.group, "prompt": tokenizer.decode(it.prompt_ids),
-                        "response": tokenizer.decode(text_ids), "response_tokens": len(text_ids)})
+        answers.update(zip(chunk, new))
+    out = []
+    for it, i in zip(items, source):
+        ids = answers[i]
+        text_ids = ids[:-1] if ids and ids[-1] == tokenizer.eos_id else ids
+        out.append({"user": it.user, "group": it.group, "prompt": tokenizer.decode(it.prompt_ids),
+                    "response": tokenizer.decode(text_ids), "response_tokens": len(text_ids)})
     return out
 
 

@@ -224,6 +224,29 @@ def test_reward_model_run_scored_by_its_head(runs, tmp_path):
     assert "reward model (prm)" in (tmp_path / "report.md").read_text()
 
 
+@pytest.mark.parametrize("name", ["pdpo", "dpo"])
+def test_greedy_generation_decodes_each_prompt_and_embedding_once(runs, name, monkeypatch):
+    """Items that share a prompt and a user embedding (two strangers: both e_0; every user of vanilla DPO)
+    get the answer each would get alone, and only the distinct ones are decoded."""
+    run = E.open_run(runs / name, torch.float32, "cpu")
+    valid = data.read_pairs(runs / "valid.jsonl")
+    known = next(p.user for p in valid if p.group == "short")
+    prompts = list(dict.fromkeys(p.prompt for p in valid))[:3]
+    pairs = [data.Pair(user, prompt, " a", " b") for prompt in prompts for user in (known, "stranger", "other", known)]
+    items = E.tokenize(run, pairs)
+    decoded = []
+    generate = E.lm.generate
+    monkeypatch.setattr(E.lm, "generate", lambda model, prompts, *a, **kw: decoded.extend(prompts) or generate(
+        model, prompts, *a, **kw))
+    gen = lambda chunk: E.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, chunk,  # noqa: E731
+                                             max_new_tokens=6)
+    together = gen(items)
+    assert len(decoded) == (2 if name == "pdpo" else 1) * len(prompts)  # known's e_u and e_0; vanilla: e_0 only
+    alone = [g for item in items for g in gen([item])]
+    assert [g["response"] for g in together] == [g["response"] for g in alone]
+    assert [g["user"] for g in together] == [p.user for p in pairs]
+
+
 # ----------------------------------------------------------------------------------------------
 # New users from a few examples
 
