@@ -1,6 +1,6 @@
 """The real-model experiment over seeds: does P-DPO on SmolLM2-135M-Instruct serve both groups, every time?
 
-    python bench/smollm2_seeds.py --seeds 0,1,2 --workdir runs/smollm2-seeds   # ~17 min a seed on 2 cores
+    python bench/smollm2_seeds.py --seeds 0,1,2 --workdir runs/smollm2-seeds   # ~18-20 min a seed on 2 cores
 
 Each run is `python train.py --example smollm2 --seed S --out WORKDIR/seed-S` (answers sampled from the model,
 vanilla DPO and P-DPO with LoRA, greedy answers to every held-out pair); a seed whose results.json is already
