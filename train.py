@@ -613,17 +613,12 @@ def demo(seed: int = DEMO["seed"], out: str = DEMO["out"], quiet: bool = False, 
 # - LoRA on the 135M-parameter instruct model in bf16 autocast; P-DPO with generic sampling (2B rows, not 4B);
 # - 2 epochs, as in the paper: paid for by 112 training prompts (not 128). 48 held-out prompts give each
 #   group's accuracy about 47 pairs (a 95% interval of about +-0.1), and greedy evaluation decodes each
-#   distinct (prompt, e_u) once (eval.generate_responses);
-# - first SFT, as in the paper's pipeline (2 epochs of LoRA on both answers of every training prompt, about
-#   2 minutes): the instruct model has only ever seen the hidden hints, so without it pi_ref prefers one kind of
-#   answer to the plain question by far, and DPO from it ranked the minority's pairs right on 3 of 5 seeds. The
-#   SFT model (merged) is pi_ref and the start of both arms.
+#   distinct (prompt, e_u) once (eval.generate_responses).
 SMOLLM2 = dict(
     train_prompts=112, valid_prompts=48, judges=4, users={**{f"u{i}": "long" for i in range(7)},
                                                           **{f"u{i}": "short" for i in range(7, 10)}},
     unseen={"new-long": "long", "new-short": "short"}, max_new_tokens={"short": 40, "long": 64},
     no_repeat_ngram_size=3, answer_tokens=64, sample_batch=32,
-    sft=dict(stage="sft", sft_on="both", epochs=2.0, lr=1e-3, warmup_steps=5),
     train=dict(stage="pdpo", lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lr=1e-3, user_lr=0.01, beta=0.5,
                nll_weight=1.0, epochs=2.0, batch_size=8, grad_accum=1, warmup_steps=5, max_length=128,
                max_prompt_length=48, precision="bf16"),
@@ -668,12 +663,11 @@ def smollm2_demo(out: str = "runs/smollm2", seed: int = 0, quiet: bool = False, 
     """PAPER.md experiment 1 on SmolLM2-135M-Instruct: 70% of users prefer the longer answer, 30% the shorter.
 
     Prompts are data.make_instructions in SmolLM2's chat format; both answers are the instruct model's own
-    (sample_length_pairs); pairs whose "short" answer is empty or not shorter are dropped. SFT on both
-    answers of every training prompt (SMOLLM2["sft"], LoRA, merged when loaded) gives pi_ref; from it, vanilla
-    DPO and P-DPO (SMOLLM2["pdpo"]) train LoRA adapters with the NLL term (SMOLLM2["train"]). Reported per
-    group: accuracy on held-out pairs (each held-out prompt judged by a long- and a short-preferring user),
-    and the greedy answer to every held-out pair as its user: length, generation quality
-    (eval.generation_quality), two to read.
+    (sample_length_pairs); pairs whose "short" answer is empty or not shorter are dropped. Vanilla DPO and
+    P-DPO (SMOLLM2["pdpo"]) train LoRA adapters with the NLL term from the same instruct model
+    (SMOLLM2["train"]). Reported per group: accuracy on held-out pairs (each held-out prompt judged by a
+    long- and a short-preferring user), and the greedy answer to every held-out pair as its user: length,
+    generation quality (eval.generation_quality), two to read.
     """
     t0 = time.perf_counter()
     out, base = Path(out), Path(model_dir) if model_dir else smollm2_dir()
@@ -706,18 +700,14 @@ def smollm2_demo(out: str = "runs/smollm2", seed: int = 0, quiet: bool = False, 
               f"mean tokens short {sum(s['short_tokens'] for s in kept) / len(kept):.1f}, "
               f"long {sum(s['long_tokens'] for s in kept) / len(kept):.1f}")
         del model
+    common = dict(model=str(base), data=str(data_dir / "train.jsonl"), valid=str(data_dir / "valid.jsonl"),
+                  seed=seed, quiet=quiet, **SMOLLM2["train"])
     sampled = runs.read_json(data_dir / "samples.json")
-    seconds = {"sampling": sampled["sampling_s"]}
-    t = time.perf_counter()
-    common = dict(data=str(data_dir / "train.jsonl"), seed=seed, quiet=quiet, **SMOLLM2["train"])
-    if not (out / "sft" / "timing.json").is_file():  # SFT on both answers: pi_ref and the start of both arms
-        train(TrainConfig(out=str(out / "sft"), model=str(base), **{**common, **SMOLLM2["sft"]}))
-    seconds["sft"] = time.perf_counter() - t
-    common.update(model=str(out / "sft"), valid=str(data_dir / "valid.jsonl"))
     untrained = [s for s in sampled["samples"] if "base" in s]  # held-out prompts the base model answered
     results = {"base": {"groups": {"held-out": {
         "accuracy": None, "pairs": None, **evaluation.generation_quality([s["base"] for s in untrained]),
         "mean_response_tokens": sum(s["base_tokens"] for s in untrained) / len(untrained)}}}}
+    seconds = {"sampling": sampled["sampling_s"]}
     for method, arm in {"dpo": prlhf.VANILLA_DPO, "pdpo": SMOLLM2["pdpo"]}.items():
         t = time.perf_counter()
         if not (out / method / "eval.json").is_file():
@@ -726,7 +716,7 @@ def smollm2_demo(out: str = "runs/smollm2", seed: int = 0, quiet: bool = False, 
         seconds[method] = time.perf_counter() - t
     runs.atomic_write_json({**results, "seconds": seconds}, out / "results.json")
     print_smollm2_table(results)
-    print(f"wrote {out}/results.json (runs sft, dpo, pdpo) in {time.perf_counter() - t0:.0f} s ("
+    print(f"wrote {out}/results.json (runs dpo, pdpo) in {time.perf_counter() - t0:.0f} s ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ")")
     return results
 
