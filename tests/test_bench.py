@@ -206,6 +206,49 @@ def test_toy_seeds_one_run(capsys, tmp_path):
                                                    "dpo_fails_minority"}
 
 
+def test_repetition_reference_matches_lengths(capsys, tmp_path):
+    """Human text is cut to each answer's length: a post that repeats a 3-gram only after word 6 counts for a
+    6-word answer (its first 6 words) only if the repeat lies inside them."""
+    import repetition_reference
+
+    run = tmp_path / "seed-0"
+    (run / "pdpo").mkdir(parents=True)
+    (run / "data").mkdir()
+    gens = [{"group": "long", "response": "a b c a b c"},         # 6 words, repeats "a b c"
+            {"group": "long", "response": "one two three four"},  # 4 words, no repeat
+            {"group": "short", "response": "x y z"},
+            {"group": "unseen-long", "response": "p q r p q r"}]  # not a known user: left out
+    (run / "pdpo" / "generations.jsonl").write_text("".join(json.dumps(g) + "\n" for g in gens))
+    samples = [{"long": "l m n l m n o", "short": "s t", "base": "b c d"}, {"long": "u v w", "short": "s"}]
+    (run / "data" / "samples.json").write_text(json.dumps({"samples": samples}))
+    tldr = tmp_path / "tldr.jsonl"
+    posts = ["w1 w2 w3 w1 w2 w3 w4",   # repeats within its first 6 words
+             "k1 k2 k3 k4 k5 k1 k2 k3",  # repeats only from word 8 on
+             "tiny post"]               # 2 words: too short for any answer here but "s t" and "s"
+    tldr.write_text("".join(json.dumps({"info": {"post": p}}) + "\n" for p in posts + posts[:1]))
+
+    figures = repetition_reference.main(["--runs", str(run), "--tldr", str(tldr)])
+    assert last_json(capsys) == json.loads(json.dumps(figures))
+    assert figures["human_texts"] == 3  # the duplicate post is read once
+    r = figures["runs"]["seed-0"]
+    assert r["pdpo long users"]["answers"] == 2 and r["pdpo long users"]["repeated_3gram"] == 0.5
+    # 6 words: posts 1 (repeats) and 2 (not yet) -> 1/2; 4 words: neither repeats -> 0; mean 0.25
+    assert r["pdpo long users"]["human_same_lengths"] == pytest.approx(0.25)
+    assert r["trained on: long"]["repeated_3gram"] == 0.5 and r["trained on: long"]["mean_words"] == 5.0
+    # 7 words: 1/2 (post 2 repeats from its 8th word); 3 words: 0/2 -> 0.25
+    assert r["trained on: long"]["human_same_lengths"] == pytest.approx(0.25)
+    assert r["base (instruct model)"]["answers"] == 1 and r["pdpo short users"]["repeated_3gram"] == 0.0
+
+
+def test_repetition_reference_names_a_bad_record(tmp_path):
+    import repetition_reference
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"info": {"post": "fine"}}) + "\n" + json.dumps({"summaries": []}) + "\n")
+    with pytest.raises(SystemExit, match=f"{bad}:2: not a TL;DR comparison record"):
+        repetition_reference.human_texts(bad)
+
+
 def test_bench_and_eval_never_import_train():
     """One-way house: train.py imports the library; eval.py and bench/ never import train.py (they run it)."""
     import re
