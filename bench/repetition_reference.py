@@ -7,8 +7,8 @@ The real-model issue asks for under 10% of answers with a repeated word 3-gram (
 3 words, split on white space, occur twice in the same answer). How strict is that at 20-60 words? For each run
 of `train.py --example smollm2`, this prints the share for
 - P-DPO's greedy answers to the known users' held-out pairs, per group (pdpo/generations.jsonl);
-- the answers the example trained on (data/samples.json: "short", "long"; written with token 3-gram blocking)
-  and the instruct model's own greedy answers to the held-out prompts ("base");
+- the answers sampled for its pairs, training and held-out (data/samples.json: "short", "long"; written with
+  token 3-gram blocking), and the instruct model's own greedy answers to the held-out prompts ("base");
 and, next to each set, the same share for human text of the same lengths: every Reddit post in the TL;DR
 comparison files (the distinct posts), cut to its first n words for each answer of n words in turn (posts
 shorter than n are left out for that answer). The opening of a post is not an answer to a question, so this
@@ -52,7 +52,7 @@ def human_texts(path: Path) -> list[list[str]]:
 
 
 def repeat_share(answers: list[str]) -> float:
-    return sum(evaluation.repeats_a_trigram(a) for a in answers) / max(1, len(answers))
+    return evaluation.generation_quality(answers)["repeated_3gram"]
 
 
 def human_share(answers: list[str], texts: list[list[str]]) -> float:
