@@ -16,8 +16,7 @@ Equation -> function:
     log pi(y | x, u) = sum_t log p(y_t | BOS, e_u, x, y_<t)         response_logps
     per-pair loss of h: DPO, conservative DPO, IPO                  preference_loss
     alpha * l(e_u) + (1 - alpha) * l(e_0)                           mix_terms
-    P-DPO, eq. (pdpo), and its P-cDPO / P-IPO variants              pdpo_loss
-    + lambda * NLL on y_w, mixed by alpha (beyond the paper)        nll_loss (pdpo_loss's nll_weight)
+    P-DPO, eq. (pdpo): h_u, h_0, the alpha mix, + lambda * NLL       pdpo_loss
     r(x, y, u) = beta * (log pi(y|x,u) - log pi_ref(y|x))           pdpo_loss (chosen_rewards, ...)
     reward model r_phi(x, y, u) at the last response token         RewardHead, personalized_rewards
     P-RM: -log sigmoid(r(x,y_w,u) - r(x,y_l,u)), mixed by alpha    prm_loss
@@ -31,7 +30,8 @@ text is in the rows (`use_user_text`), generic sampling; and one that changes no
 shared-prompt rows (`shared_prompt`).
 
 Reading order: registry, user models (initialization, the three kinds, factory, saving), personalized
-log-probabilities (one batched forward), the configuration of an arm, objectives (P-DPO, P-RM).
+log-probabilities (one batched forward of two rows per pair; then shared-prompt rows, the same numbers
+from one row per pair), the configuration of an arm, objectives (P-DPO, P-RM).
 """
 from __future__ import annotations
 
@@ -324,85 +324,6 @@ def embed_with_user_prefix(model, input_ids: torch.Tensor, user_embeddings: torc
     return torch.cat([token_embeds[:, :1], user_embeddings, token_embeds[:, 1:]], dim=1)  # (N, T_u + T, d)
 
 
-# Shared-prompt rows: y_w and y_l of a pair share [BOS] [e_u] [user text] [prompt], so one row can carry
-# both responses after a single copy of the prefix. Same log-probs as two rows, fewer tokens through the LM.
-
-PREFIX, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1  # the segments of a shared row
-
-
-def shared_prompt_rows(input_ids: torch.Tensor, response_mask: torch.Tensor):
-    """Two rows per pair -> one: (2B, T) [prefix] [y_w] and [prefix] [y_l] -> (B, S) [prefix] [y_w] [y_l].
-
-    input_ids, response_mask: the two-row layout of data.collate_pairs (chosen rows 0..B-1, rejected rows
-    B..2B-1, right-padded; both rows of a pair begin with the same prefix). Returns
-      shared_ids     (B, S)   [prefix] [y_w] [y_l] [pads]; pad positions hold arbitrary ids (never seen, never scored)
-      segments       (B, S)   PREFIX, CHOSEN, REJECTED or PADDING at each position (shared_prompt_attention)
-      two_row_index  (2B, T)  for each two-row position, the shared position holding the same token (unshare_hidden)
-    """
-    B, T = input_ids.shape[0] // 2, input_ids.shape[1]
-    chosen_mask, rejected_mask = response_mask[:B], response_mask[B:]  # (B, T) each
-    n_prefix = (chosen_mask | rejected_mask).int().argmax(-1, keepdim=True)  # (B, 1): the first response token
-    n_chosen, n_rejected = chosen_mask.sum(-1, keepdim=True), rejected_mask.sum(-1, keepdim=True)  # (B, 1)
-    end_chosen = n_prefix + n_chosen
-    end = end_chosen + n_rejected  # (B, 1)
-    S = int(end.max())
-    j = torch.arange(S, device=input_ids.device)  # (S,)
-    segments = torch.where(j < n_prefix, PREFIX, torch.where(j < end_chosen, CHOSEN,
-                                                             torch.where(j < end, REJECTED, PADDING)))  # (B, S)
-    from_rejected = j >= end_chosen  # (B, S): y_l, and the padding after it
-    column = torch.where(from_rejected, j - n_chosen, j).clamp(max=T - 1)  # (B, S): column in the two-row layout
-    shared_ids = torch.where(from_rejected, input_ids[B:].gather(1, column), input_ids[:B].gather(1, column))
-    t = torch.arange(T, device=input_ids.device)  # (T,)
-    two_row_index = torch.cat([t.expand(B, T), torch.where(t < n_prefix, t, t + n_chosen)])  # (2B, T)
-    return shared_ids, segments, two_row_index.clamp(max=S - 1)
-
-
-def shared_prompt_attention(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """segments (N, S) -> boolean attention mask (N, 1, S, S) and position ids (N, S) of shared rows.
-
-    Causal, except that y_l does not see y_w, and y_l's positions restart right after the prefix, so
-    every token sees exactly what it sees in its own two-row row, at the same position. A pad sees only
-    itself (no empty row, so no NaN in SDPA). One pair, prefix of 3, |y_w| = 2, |y_l| = 3, one pad:
-
-                   keys  BOS e_u  x  w1 w2 l1 l2 l3 pad
-        queries  BOS      1
-                 e_u      1   1
-                 x        1   1   1
-                 w1       1   1   1   1
-                 w2       1   1   1   1  1
-                 l1       1   1   1         1
-                 l2       1   1   1         1  1
-                 l3       1   1   1         1  1  1
-                 pad                                1
-        positions         0   1   2   3  4  3  4  5  8
-    """
-    S = segments.shape[1]
-    j = torch.arange(S, device=segments.device)  # (S,)
-    query, key = segments[:, :, None], segments[:, None, :]  # (N, S, 1), (N, 1, S)
-    causal = j[None, :] <= j[:, None]  # (S, S), [query, key]
-    real = (query != PADDING) & (key != PADDING)  # (N, S, S)
-    allowed = causal & real & ((key == PREFIX) | (key == query))  # (N, S, S)
-    allowed = allowed | torch.eye(S, dtype=torch.bool, device=segments.device)
-    n_chosen = (segments == CHOSEN).sum(-1, keepdim=True)  # (N, 1)
-    position_ids = j - n_chosen * (segments == REJECTED)  # (N, S)
-    return allowed[:, None], position_ids  # (N, 1, S, S), (N, S)
-
-
-def unshare_hidden(hidden: torch.Tensor, two_row_index: torch.Tensor) -> torch.Tensor:
-    """Hidden states of n blocks of B shared rows (n*B, S, d) -> the two-row layout's (n*2B, T, d).
-
-    Block b's shared row i serves its rows i (chosen) and B + i (rejected). Prefix states are copied
-    into both rows, so hidden[:, t] predicts input_ids[:, t + 1] of the two-row layout again and
-    response_logps scores both layouts with the same code.
-    """
-    two_B, T = two_row_index.shape
-    B = two_B // 2
-    n = hidden.shape[0] // B
-    row = torch.arange(n * two_B, device=hidden.device)  # (n*2B,)
-    shared_row = row // two_B * B + row % B  # (n*2B,): block, then pair
-    return hidden[shared_row[:, None], two_row_index.repeat(n, 1)]  # (n*2B, T, d)
-
-
 def user_conditioned_hidden(model, user_model, input_ids: torch.Tensor, user_rows: torch.Tensor,
                             segments: torch.Tensor | None = None) -> torch.Tensor:
     """Final hidden states of [BOS] [e_u] [rest of input_ids], prefix positions dropped: (N, T, d).
@@ -424,22 +345,6 @@ def user_conditioned_hidden(model, user_model, input_ids: torch.Tensor, user_row
         hidden = model(inputs_embeds=inputs_embeds, attention_mask=mask, position_ids=position_ids,
                        return_hidden=True)  # (N, T_u + T, d)
     return hidden[:, T_u:]  # (N, T, d)
-
-
-def shared_prompt_hidden(model, user_model, input_ids: torch.Tensor, response_mask: torch.Tensor,
-                         user_rows: torch.Tensor) -> torch.Tensor:
-    """user_conditioned_hidden of policy_rows' (n*2B, T) rows, computed from n*B shared-prompt rows.
-
-    input_ids, response_mask: the batch's two rows per pair (2B, T); user_rows (n*2B,) from policy_rows,
-    each block's chosen and rejected rows with the same row. Returns (n*2B, T, d), as the two-row forward.
-    """
-    shared_ids, segments, two_row_index = shared_prompt_rows(input_ids, response_mask)  # (B, S), (B, S), (2B, T)
-    B = shared_ids.shape[0]
-    n = user_rows.shape[0] // (2 * B)
-    pair_rows = user_rows.view(n, 2, B)[:, 0].reshape(n * B)  # (n*B,): one user row per block and pair
-    hidden = user_conditioned_hidden(model, user_model, shared_ids.repeat(n, 1), pair_rows,
-                                     segments.repeat(n, 1))  # (n*B, S, d)
-    return unshare_hidden(hidden, two_row_index)  # (n*2B, T, d)
 
 
 def response_logps(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
@@ -542,6 +447,103 @@ def reference_logps(model, batch: dict, average: bool = False,
         hidden = model(input_ids, return_hidden=True)  # (2B, T', d)
     logps = response_logps(model.output, hidden, input_ids, response_mask, average)  # (2B,)
     return tuple(logps.chunk(2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Shared-prompt rows: an optimisation of the two-row path above (PDPOConfig.shared_prompt, on by default).
+# y_w and y_l of a pair share [BOS] [e_u] [user text] [prompt], so one row can carry both responses after a
+# single copy of the prefix. Same log-probs as two rows, fewer tokens through the LM.
+
+PREFIX, CHOSEN, REJECTED, PADDING = 0, 1, 2, -1  # the segments of a shared row
+
+
+def shared_prompt_rows(input_ids: torch.Tensor, response_mask: torch.Tensor):
+    """Two rows per pair -> one: (2B, T) [prefix] [y_w] and [prefix] [y_l] -> (B, S) [prefix] [y_w] [y_l].
+
+    input_ids, response_mask: the two-row layout of data.collate_pairs (chosen rows 0..B-1, rejected rows
+    B..2B-1, right-padded; both rows of a pair begin with the same prefix). Returns
+      shared_ids     (B, S)   [prefix] [y_w] [y_l] [pads]; pad positions hold arbitrary ids (never seen, never scored)
+      segments       (B, S)   PREFIX, CHOSEN, REJECTED or PADDING at each position (shared_prompt_attention)
+      two_row_index  (2B, T)  for each two-row position, the shared position holding the same token (unshare_hidden)
+    """
+    B, T = input_ids.shape[0] // 2, input_ids.shape[1]
+    chosen_mask, rejected_mask = response_mask[:B], response_mask[B:]  # (B, T) each
+    n_prefix = (chosen_mask | rejected_mask).int().argmax(-1, keepdim=True)  # (B, 1): the first response token
+    n_chosen, n_rejected = chosen_mask.sum(-1, keepdim=True), rejected_mask.sum(-1, keepdim=True)  # (B, 1)
+    end_chosen = n_prefix + n_chosen
+    end = end_chosen + n_rejected  # (B, 1)
+    S = int(end.max())
+    j = torch.arange(S, device=input_ids.device)  # (S,)
+    segments = torch.where(j < n_prefix, PREFIX, torch.where(j < end_chosen, CHOSEN,
+                                                             torch.where(j < end, REJECTED, PADDING)))  # (B, S)
+    from_rejected = j >= end_chosen  # (B, S): y_l, and the padding after it
+    column = torch.where(from_rejected, j - n_chosen, j).clamp(max=T - 1)  # (B, S): column in the two-row layout
+    shared_ids = torch.where(from_rejected, input_ids[B:].gather(1, column), input_ids[:B].gather(1, column))
+    t = torch.arange(T, device=input_ids.device)  # (T,)
+    two_row_index = torch.cat([t.expand(B, T), torch.where(t < n_prefix, t, t + n_chosen)])  # (2B, T)
+    return shared_ids, segments, two_row_index.clamp(max=S - 1)
+
+
+def shared_prompt_attention(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """segments (N, S) -> boolean attention mask (N, 1, S, S) and position ids (N, S) of shared rows.
+
+    Causal, except that y_l does not see y_w, and y_l's positions restart right after the prefix, so
+    every token sees exactly what it sees in its own two-row row, at the same position. A pad sees only
+    itself (no empty row, so no NaN in SDPA). One pair, prefix of 3, |y_w| = 2, |y_l| = 3, one pad:
+
+                   keys  BOS e_u  x  w1 w2 l1 l2 l3 pad
+        queries  BOS      1
+                 e_u      1   1
+                 x        1   1   1
+                 w1       1   1   1   1
+                 w2       1   1   1   1  1
+                 l1       1   1   1         1
+                 l2       1   1   1         1  1
+                 l3       1   1   1         1  1  1
+                 pad                                1
+        positions         0   1   2   3  4  3  4  5  8
+    """
+    S = segments.shape[1]
+    j = torch.arange(S, device=segments.device)  # (S,)
+    query, key = segments[:, :, None], segments[:, None, :]  # (N, S, 1), (N, 1, S)
+    causal = j[None, :] <= j[:, None]  # (S, S), [query, key]
+    real = (query != PADDING) & (key != PADDING)  # (N, S, S)
+    allowed = causal & real & ((key == PREFIX) | (key == query))  # (N, S, S)
+    allowed = allowed | torch.eye(S, dtype=torch.bool, device=segments.device)
+    n_chosen = (segments == CHOSEN).sum(-1, keepdim=True)  # (N, 1)
+    position_ids = j - n_chosen * (segments == REJECTED)  # (N, S)
+    return allowed[:, None], position_ids  # (N, 1, S, S), (N, S)
+
+
+def unshare_hidden(hidden: torch.Tensor, two_row_index: torch.Tensor) -> torch.Tensor:
+    """Hidden states of n blocks of B shared rows (n*B, S, d) -> the two-row layout's (n*2B, T, d).
+
+    Block b's shared row i serves its rows i (chosen) and B + i (rejected). Prefix states are copied
+    into both rows, so hidden[:, t] predicts input_ids[:, t + 1] of the two-row layout again and
+    response_logps scores both layouts with the same code.
+    """
+    two_B, T = two_row_index.shape
+    B = two_B // 2
+    n = hidden.shape[0] // B
+    row = torch.arange(n * two_B, device=hidden.device)  # (n*2B,)
+    shared_row = row // two_B * B + row % B  # (n*2B,): block, then pair
+    return hidden[shared_row[:, None], two_row_index.repeat(n, 1)]  # (n*2B, T, d)
+
+
+def shared_prompt_hidden(model, user_model, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                         user_rows: torch.Tensor) -> torch.Tensor:
+    """user_conditioned_hidden of policy_rows' (n*2B, T) rows, computed from n*B shared-prompt rows.
+
+    input_ids, response_mask: the batch's two rows per pair (2B, T); user_rows (n*2B,) from policy_rows,
+    each block's chosen and rejected rows with the same row. Returns (n*2B, T, d), as the two-row forward.
+    """
+    shared_ids, segments, two_row_index = shared_prompt_rows(input_ids, response_mask)  # (B, S), (B, S), (2B, T)
+    B = shared_ids.shape[0]
+    n = user_rows.shape[0] // (2 * B)
+    pair_rows = user_rows.view(n, 2, B)[:, 0].reshape(n * B)  # (n*B,): one user row per block and pair
+    hidden = user_conditioned_hidden(model, user_model, shared_ids.repeat(n, 1), pair_rows,
+                                     segments.repeat(n, 1))  # (n*B, S, d)
+    return unshare_hidden(hidden, two_row_index)  # (n*2B, T, d)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -682,64 +684,65 @@ def check_alpha_terms(alpha: float, personalized, generic, what: str) -> None:
                          f"(computed by the same call with the same alpha)")
 
 
-def nll_loss(policy_chosen_logps, generic_chosen_logps, chosen_tokens, *, alpha: float) -> torch.Tensor:
-    """The NLL term on the chosen responses, per pair (inputs (B,)), mixed by alpha as eq. (pdpo) mixes:
-
-        L_NLL = alpha * (-log pi(y_w|x,e_u) / |y_w|) + (1 - alpha) * (-log pi(y_w|x,e_0) / |y_w|)
-
-    chosen_tokens = |y_w|, the response tokens scored (ones when the log-probs are already per-token
-    means, as for IPO). Beyond the paper: DPO only asks y_w to gain on y_l, and both can lose
-    likelihood together ("likelihood displacement"); a free user embedding does this readily, and the
-    personalized model's generations degrade (empty or repetitive answers) while its pair accuracy
-    stays perfect. Keeping y_w likely is the standard remedy: RPO (Pang et al. 2024, "Iterative Reasoning
-    Preference Optimization"), TRL's "sft" loss term, LLaMA-Factory's pref_ftx, OpenRLHF's nll_loss_coef.
-    """
-    def nll(chosen_logps):
-        return None if chosen_logps is None else -chosen_logps / chosen_tokens
-    return mix_terms(nll(policy_chosen_logps), nll(generic_chosen_logps), alpha)
-
-
 def pdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
               generic_chosen_logps=None, generic_rejected_logps=None, *, alpha: float, beta: float,
               loss_type: str = "dpo", label_smoothing: float = 0.0, nll_weight: float = 0.0,
               chosen_tokens: torch.Tensor | None = None) -> dict:
     """P-DPO, eq. (pdpo), per pair (all inputs (B,)):
 
-        L = -[ alpha * log sigmoid(h(e_u)) + (1 - alpha) * log sigmoid(h(e_0)) ]
-        h(e) = beta * [ (log pi(y_w|x,e) - log pi_ref(y_w|x)) - (log pi(y_l|x,e) - log pi_ref(y_l|x)) ]
+        h_u = beta * [ (log pi(y_w|x,e_u) - log pi_ref(y_w|x)) - (log pi(y_l|x,e_u) - log pi_ref(y_l|x)) ]
+        h_0 = the same with the generic embedding e_0
+        L   = -[ alpha * log sigmoid(h_u) + (1 - alpha) * log sigmoid(h_0) ]
+              + lambda * [ alpha * (-log pi(y_w|x,e_u) / |y_w|) + (1 - alpha) * (-log pi(y_w|x,e_0) / |y_w|) ]
 
-    with -log sigmoid replaced by the cDPO or IPO per-pair loss for loss_type "cdpo" / "ipo" (label_smoothing
-    is cDPO's eps and is used by "cdpo" only). Both terms share the reference log-probs. With
-    nll_weight = lambda > 0 the loss is L + lambda * L_NLL (nll_loss, beyond the paper; chosen_tokens
-    = |y_w| per pair). Returns (B,) tensors: losses (differentiable; take .mean()), nll (L_NLL, detached,
-    None when lambda = 0), and,
-    detached, the implicit rewards r(x, y, u) = beta * (log pi(y|x,u) - log pi_ref(y|x)) chosen_rewards,
+    -log sigmoid(h) is the DPO member of the family; loss_type "cdpo" / "ipo" replaces it by
+    preference_loss's other members (label_smoothing is cDPO's eps). Both terms share the reference
+    log-probs. The second line, the NLL term on the chosen responses, is beyond the paper and off at
+    nll_weight = lambda = 0 (chosen_tokens = |y_w| per pair; ones when the log-probs are already per-token
+    means, as for IPO): DPO only asks y_w to gain on y_l, and both can lose likelihood together
+    ("likelihood displacement"), which a free user embedding does readily, so that the personalized
+    model's answers degrade while its pair accuracy stays perfect. Keeping y_w likely is the standard
+    remedy: RPO (Pang et al. 2024), TRL's "sft" loss term, LLaMA-Factory's pref_ftx, OpenRLHF's nll_loss_coef.
+
+    A term whose weight is zero may be None (alpha = 1: no generic term; alpha = 0: no personalized one).
+    Returns (B,) tensors: losses (differentiable; take .mean()), nll (L_NLL, detached, None when lambda = 0),
+    and, detached, the implicit rewards r(x, y, u) = beta * (log pi(y|x,u) - log pi_ref(y|x)) chosen_rewards,
     rejected_rewards, accuracies (chosen_reward > rejected_reward), and the generic term's
     generic_chosen_rewards, generic_rejected_rewards, generic_accuracies. A term not given is None.
     """
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
     check_alpha_terms(alpha, policy_chosen_logps, generic_chosen_logps, "log-probs")
+    if nll_weight > 0 and chosen_tokens is None:
+        raise ValueError("nll_weight > 0 needs chosen_tokens, the number of response tokens of each y_w")
 
-    def term(chosen_logps, rejected_logps):
-        """One user embedding's per-pair loss and implicit rewards; Nones when the term is absent."""
-        if chosen_logps is None:
-            return None, None, None
-        chosen_logratios = chosen_logps - reference_chosen_logps  # (B,)
-        rejected_logratios = rejected_logps - reference_rejected_logps  # (B,)
-        losses = preference_loss(chosen_logratios - rejected_logratios, beta=beta, loss_type=loss_type,
-                                 label_smoothing=label_smoothing)
-        return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+    def logratio(logps, reference_logps):  # log pi(y|x,e) - log pi_ref(y|x), None for an absent term
+        return None if logps is None else logps - reference_logps
 
-    losses, chosen_rewards, rejected_rewards = term(policy_chosen_logps, policy_rejected_logps)
-    generic_losses, generic_chosen_rewards, generic_rejected_rewards = term(generic_chosen_logps,
-                                                                            generic_rejected_logps)
-    losses, nll = mix_terms(losses, generic_losses, alpha), None
-    if nll_weight > 0:
-        if chosen_tokens is None:
-            raise ValueError("nll_weight > 0 needs chosen_tokens, the number of response tokens of each y_w")
-        nll = nll_loss(policy_chosen_logps, generic_chosen_logps, chosen_tokens, alpha=alpha)
+    def per_token_nll(chosen_logps):  # -log pi(y_w|x,e) / |y_w|
+        return None if chosen_logps is None else -chosen_logps / chosen_tokens
+
+    def h_loss(chosen_logratios, rejected_logratios):  # l(h), h = beta * (chosen - rejected log-ratio)
+        if chosen_logratios is None:
+            return None
+        return preference_loss(chosen_logratios - rejected_logratios, beta=beta, loss_type=loss_type,
+                               label_smoothing=label_smoothing)
+
+    u_chosen = logratio(policy_chosen_logps, reference_chosen_logps)  # (B,): e_u
+    u_rejected = logratio(policy_rejected_logps, reference_rejected_logps)
+    g_chosen = logratio(generic_chosen_logps, reference_chosen_logps)  # (B,): e_0
+    g_rejected = logratio(generic_rejected_logps, reference_rejected_logps)
+    losses = mix_terms(h_loss(u_chosen, u_rejected), h_loss(g_chosen, g_rejected), alpha)  # alpha * l(h_u) + (1 - alpha) * l(h_0)
+    nll = None
+    if nll_weight > 0:  # + lambda * L_NLL, mixed by alpha like the preference terms
+        nll = mix_terms(per_token_nll(policy_chosen_logps), per_token_nll(generic_chosen_logps), alpha)
         losses = losses + nll_weight * nll
+
+    def reward(logratios):  # r(x, y, e) = beta * log-ratio, detached
+        return None if logratios is None else beta * logratios.detach()
+
+    chosen_rewards, rejected_rewards = reward(u_chosen), reward(u_rejected)
+    generic_chosen_rewards, generic_rejected_rewards = reward(g_chosen), reward(g_rejected)
     return {"losses": losses, "nll": None if nll is None else nll.detach(),
             "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
             "accuracies": accuracy(chosen_rewards, rejected_rewards),
