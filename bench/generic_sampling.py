@@ -8,7 +8,7 @@ generic e_0, and mixes the two losses by alpha: 4B rows per step. train.py --gen
 draw one of the two terms, e_u with probability alpha, else e_0: 2B rows per step, the same expected loss
 (an unbiased estimate of eq. (pdpo)), more variance. The question here is whether the variance costs accuracy.
 
-Per seed: the demo task (data.make_toy_task: 10 known users, 70% prefer long answers, 30% short; validation
+Per seed: the demo task (toy_tasks.make_toy_task: 10 known users, 70% prefer long answers, 30% short; validation
 pairs of the known users and of 4 unseen users), the demo's tiny LLaMA (model.TINY_LLAMA) fine-tuned with SFT on
 both kinds of answer, then P-DPO (individual user model, T_u = 1, alpha 0.5) from that SFT model, exact and
 sampled, with the same seed, data order and hyperparameters, each run through train.py's command line.
@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 import common as C
+from examples import toy as toy_tasks
 import data
 import model as lm
 
@@ -53,10 +54,10 @@ def parse_args(argv=None):
 
 def run_seed(seed: int, args, root: Path, device: str) -> dict:
     out = root / f"seed{seed}"
-    train_pairs, valid_pairs = data.make_toy_task(seed=seed, pairs_per_user=args.pairs_per_user)
+    train_pairs, valid_pairs = toy_tasks.make_toy_task(seed=seed, pairs_per_user=args.pairs_per_user)
     data.write_pairs(out / "train.jsonl", train_pairs)
     data.write_pairs(out / "valid.jsonl", valid_pairs)
-    tokenizer = data.train_bpe_tokenizer(data.toy_corpus_texts(seed), VOCAB_SIZE, out_dir=out / "base")
+    tokenizer = data.train_bpe_tokenizer(toy_tasks.toy_corpus_texts(seed), VOCAB_SIZE, out_dir=out / "base")
     cfg = lm.ModelConfig(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id, eos_token_id=tokenizer.eos_id,
                          pad_token_id=tokenizer.pad_id, **lm.TINY_LLAMA)
     lm.save_pretrained(lm.build_model(cfg, seed=seed), out / "base")

@@ -44,6 +44,7 @@ import time
 from pathlib import Path
 
 import common as C
+from examples import toy as toy_tasks
 
 SCRIPT = Path(__file__).resolve()
 
@@ -91,7 +92,7 @@ def make_pairs(n: int, max_sentences: int, seed: int = 0, n_users: int = 10):
     import data
 
     rng = random.Random(seed)
-    sentences = data.toy_corpus_texts(seed, n_examples=400)[1:]
+    sentences = toy_tasks.toy_corpus_texts(seed, n_examples=400)[1:]
     users = {f"user_{i:02d}": ("long" if i <= round(0.7 * n_users) else "short") for i in range(1, n_users + 1)}
 
     def text(k):
@@ -113,7 +114,7 @@ def prepare(args, workdir: Path) -> dict:
     import data
     import model as lm
 
-    tokenizer = data.train_bpe_tokenizer(data.toy_corpus_texts(0, n_examples=2000), args.vocab,
+    tokenizer = data.train_bpe_tokenizer(toy_tasks.toy_corpus_texts(0, n_examples=2000), args.vocab,
                                          out_dir=workdir / "base")
     cfg = C.llama_config(layers=args.layers, hidden=args.hidden, heads=args.heads, vocab=tokenizer.vocab_size,
                          max_positions=4096)

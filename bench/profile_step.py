@@ -5,7 +5,7 @@
     python bench/profile_step.py --quick
 
 The step is train.py's own: collate (data.collate_pairs), prlhf.pdpo_step (prlhf.policy_logps: one
-forward of 4B rows; reference log-probs from eval.reference_cache, as train.py precomputes them), backward,
+forward of 4B rows; reference log-probs from cache.reference_cache, as train.py precomputes them), backward,
 clipping, AdamW, on
 toy pairs of varied length batched by data.make_batches. The table lists the operators by self time, then
 groups them: matrix multiplies, attention, the LM head's log-softmax, element-wise and copies, indexing
@@ -24,9 +24,10 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 import common as C
+from examples import toy as toy_tasks
 import data
-import eval as evaluation
 import model as lm
+import cache
 import prlhf
 from pdpo_vs_trl import make_pairs
 
@@ -72,7 +73,7 @@ def main(argv=None):
     args = parse_args(argv)
     device = C.pick_device(args.device)
     work = Path(tempfile.mkdtemp(prefix="profile_step-"))
-    tokenizer = data.train_bpe_tokenizer(data.toy_corpus_texts(0, n_examples=2000), args.vocab, out_dir=work / "base")
+    tokenizer = data.train_bpe_tokenizer(toy_tasks.toy_corpus_texts(0, n_examples=2000), args.vocab, out_dir=work / "base")
     cfg = C.llama_config(layers=args.layers, hidden=args.hidden, heads=args.heads, vocab=tokenizer.vocab_size,
                          max_positions=4096)
     pairs = make_pairs(args.batch_size * (args.steps + 2), max_sentences=8)
@@ -96,7 +97,7 @@ def main(argv=None):
         model.train()
         return logps
 
-    reference = evaluation.reference_cache(online, {"train": items}, collate, batch_size=max(args.batch_size, 8),
+    reference = cache.reference_cache(online, {"train": items}, collate, batch_size=max(args.batch_size, 8),
                                            autocast=autocast)
     params = [*model.parameters(), *user_model.parameters()]
     optimizer = torch.optim.AdamW(params, lr=1e-4)

@@ -3,6 +3,7 @@
 from pathlib import Path
 
 import data
+from examples import toy as toy_tasks
 
 
 def tiny_tokenizer(path: str | Path, vocab_size: int = 384) -> data.Tokenizer:
@@ -10,7 +11,7 @@ def tiny_tokenizer(path: str | Path, vocab_size: int = 384) -> data.Tokenizer:
 
     Special ids: <s> = 0 (BOS), </s> = 1 (EOS), <pad> = 2.
     """
-    texts = data.toy_corpus_texts(seed=0, n_examples=100)
+    texts = toy_tasks.toy_corpus_texts(seed=0, n_examples=100)
     data.train_bpe_tokenizer(texts, vocab_size, out_dir=path)
     return data.load_tokenizer(path)
 
@@ -22,12 +23,12 @@ def toy_setup(d: str | Path, *, pairs_per_user: int, n_valid_per_user: int, n_un
     import model as lm
 
     d = Path(d)
-    tok = data.train_bpe_tokenizer(data.toy_corpus_texts(0, n_examples=300), 300, out_dir=d / "base")
+    tok = data.train_bpe_tokenizer(toy_tasks.toy_corpus_texts(0, n_examples=300), 300, out_dir=d / "base")
     cfg = lm.ModelConfig(family="llama", vocab_size=tok.vocab_size, hidden_size=32, n_layers=2, n_heads=4,
                          n_kv_heads=2, head_dim=8, intermediate_size=64, tie_word_embeddings=True,
                          bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     lm.save_pretrained(lm.build_model(cfg, seed=0), d / "base")
-    train_pairs, valid_pairs = data.make_toy_task(seed=0, n_users=4, pairs_per_user=pairs_per_user,
+    train_pairs, valid_pairs = toy_tasks.make_toy_task(seed=0, n_users=4, pairs_per_user=pairs_per_user,
                                                   n_valid_per_user=n_valid_per_user, n_unseen_users=n_unseen_users)
     data.write_pairs(d / "train.jsonl", train_pairs[:n_train])
     data.write_pairs(d / "valid.jsonl", valid_pairs)

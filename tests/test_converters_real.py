@@ -9,6 +9,8 @@ import pytest
 
 import data
 from data import DataError
+from prepare import tldr
+from prepare import psoups
 
 REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "real_data"
 TLDR = REAL / "tldr"
@@ -37,7 +39,7 @@ def batch18_halves(tmp_path):
 
 def test_tldr_counts_on_batch18(batch18_halves):
     train_file, valid_file = batch18_halves
-    train, valid, stats = data.tldr_to_pairs([train_file], valid_paths=[valid_file], seed=0)
+    train, valid, stats = tldr.tldr_to_pairs([train_file], valid_paths=[valid_file], seed=0)
     rows = records("batch18_lines1-200.jsonl")
     usable = [sum(both_supervised(r) for r in rows[:100]), sum(both_supervised(r) for r in rows[100:])]
     assert usable == [48, 49]  # SOURCES.md: 97 of the 200 lines are supervised-vs-supervised
@@ -52,7 +54,7 @@ def test_tldr_counts_on_batch18(batch18_halves):
 
 def test_tldr_real_pairs_keep_prompt_and_summaries(batch18_halves):
     train_file, valid_file = batch18_halves
-    train, valid, _ = data.tldr_to_pairs([train_file], valid_paths=[valid_file], seed=0)
+    train, valid, _ = tldr.tldr_to_pairs([train_file], valid_paths=[valid_file], seed=0)
     rows = [r for r in records("batch18_lines1-200.jsonl") if both_supervised(r)]
     assert len(rows) == len(train) + len(valid)
     for pair, row in zip(train + valid, rows):  # kept in file order
@@ -67,23 +69,23 @@ def test_tldr_messages_say_where_the_real_records_went(tmp_path):
     out = str(tmp_path / "out")
     with pytest.raises(DataError, match=r"no training comparisons in .*batch18_lines1-200.jsonl: 200 records, "
                                         r"200 validation by their 'split' field; pass training files"):
-        data.tldr_to_pairs([TLDR / "batch18_lines1-200.jsonl"])
+        tldr.tldr_to_pairs([TLDR / "batch18_lines1-200.jsonl"])
     with pytest.raises(DataError, match=r"batch13_lines1-50.jsonl: 50 records, 50 training; every training record "
                                         r"was skipped: 50 not both from supervised policies \(e.g. PPO vs supervised"):
-        data.tldr_to_pairs([TLDR / "batch13_lines1-50.jsonl"], valid_paths=[TLDR / "batch18_lines1-200.jsonl"])
+        tldr.tldr_to_pairs([TLDR / "batch13_lines1-50.jsonl"], valid_paths=[TLDR / "batch18_lines1-200.jsonl"])
     with pytest.raises(DataError, match=r"no validation comparisons in .*cnndm0_lines1-20.jsonl: 20 records, "
                                         r"20 validation; every validation record was skipped: 20 not both"):
-        data.tldr_to_pairs([TLDR / "batch18_lines1-200.jsonl"], valid_paths=[TLDR / "cnndm0_lines1-20.jsonl"])
+        tldr.tldr_to_pairs([TLDR / "batch18_lines1-200.jsonl"], valid_paths=[TLDR / "cnndm0_lines1-20.jsonl"])
     # the one real 'train' record (PPO vs reference) and human edits: nothing usable for training
-    argv = ["tldr", "--comparisons", str(TLDR / "readme_example_batch9.jsonl"), str(TLDR / "edit_b2_eval_test.jsonl"),
+    argv = ["--comparisons", str(TLDR / "readme_example_batch9.jsonl"), str(TLDR / "edit_b2_eval_test.jsonl"),
             "--out", out]
-    assert data.main(argv) == 2
+    assert tldr.main(argv) == 2
 
 
 def test_tldr_cli_on_real_records(batch18_halves, tmp_path, capsys):
     train_file, valid_file = batch18_halves
     out = tmp_path / "out"
-    assert data.main(["tldr", "--comparisons", str(train_file), "--valid", str(valid_file), "--out", str(out)]) == 0
+    assert tldr.main(["--comparisons", str(train_file), "--valid", str(valid_file), "--out", str(out)]) == 0
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].startswith("train 48, valid 49, known_users 6, ")
     assert "skipped_not_supervised 103, skipped_equal_length 0" in printed[0]
@@ -95,7 +97,7 @@ def test_psoups_evaluation_prompts_are_not_comparisons(tmp_path):
     given as a training file, the converter names the fields it needs."""
     directory = tmp_path / "rm_training"
     directory.mkdir()
-    for user in data.PSOUPS_PREFERENCES:
+    for user in psoups.PSOUPS_PREFERENCES:
         shutil.copy(REAL / "psoups" / "koala_eval_50.json", directory / f"{user}.json")
     with pytest.raises(DataError, match=r"P1A.json: record 0: needs string fields user_input, completion_a"):
-        data.psoups_to_pairs(directory)
+        psoups.psoups_to_pairs(directory)

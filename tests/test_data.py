@@ -15,6 +15,10 @@ import torch
 import data
 from data import DataError, Pair, TokenizedPair
 from tests.helpers import tiny_tokenizer
+from prepare import tldr
+from prepare import psoups
+from examples import toy as toy_tasks
+from examples import smollm2 as smollm2_example
 
 REPO = Path(__file__).resolve().parent.parent
 SENTENCE = " Tell me about kettle and zebra. Both are brave."
@@ -60,7 +64,7 @@ def test_special_ids_and_vocab_size_read_back_from_files(tok, tokenizer_dir):
 
 
 def test_training_is_deterministic():
-    texts = data.toy_corpus_texts(seed=1, n_examples=50)
+    texts = toy_tasks.toy_corpus_texts(seed=1, n_examples=50)
     a = data.train_bpe_tokenizer(texts, 320)
     b = data.train_bpe_tokenizer(texts, 320)
     assert a.backend.get_vocab() == b.backend.get_vocab()
@@ -87,7 +91,7 @@ def test_save_keeps_every_tokenizer_file_of_the_base(tokenizer_dir, tmp_path):
     again.save(tmp_path / "saved")  # over its own directory: nothing lost
     again.save(tmp_path / "twice")  # and from a saved copy onwards
     assert sorted(p.name for p in (tmp_path / "twice").iterdir()) == sorted([*files, "tokenizer.json"])
-    trained = data.train_bpe_tokenizer(data.toy_corpus_texts(0, n_examples=20), 300)  # no base: a config is written
+    trained = data.train_bpe_tokenizer(toy_tasks.toy_corpus_texts(0, n_examples=20), 300)  # no base: a config is written
     trained.save(tmp_path / "trained")
     assert json.loads((tmp_path / "trained" / "tokenizer_config.json").read_text())["eos_token"] == "</s>"
 
@@ -384,7 +388,7 @@ def test_collate_pairs_without_user_text_matches_reference():
 
 
 def test_collate_pairs_with_real_tokenizer(tok):
-    pairs = data.make_toy_task(seed=0, n_users=2, pairs_per_user=3, n_valid_per_user=0, n_unseen_users=0)[0]
+    pairs = toy_tasks.make_toy_task(seed=0, n_users=2, pairs_per_user=3, n_valid_per_user=0, n_unseen_users=0)[0]
     items, _ = data.tokenize_pairs(pairs, tok)
     batch = data.collate_pairs(items, tok, row_of=lambda user: 1, use_user_text=True)
     B = len(items)
@@ -448,7 +452,7 @@ def write_tldr_fixture(path: Path) -> None:
 def test_tldr_converter(tmp_path):
     path = tmp_path / "comparisons.jsonl"
     write_tldr_fixture(path)
-    train, valid, stats = data.tldr_to_pairs([path], n_users=3, seed=0)
+    train, valid, stats = tldr.tldr_to_pairs([path], n_users=3, seed=0)
     assert len(train) == 6 + 5 + 4 and {p.user for p in train} == {"w0", "w1", "w2"}
     assert stats["skipped_not_supervised"] == 2
     assert stats["skipped_equal_length"] == 1 and stats["skipped_other_split"] == 1
@@ -469,13 +473,13 @@ def test_tldr_converter(tmp_path):
     assert stats["unseen_long_users"] == (unseen[0].group == "unseen-long")
     assert {p.user: p.group for p in valid if p.user != "w9"} == {u: group_of[u] for u in ("w0", "w1")}
 
-    assert data.tldr_to_pairs([path], n_users=3, seed=0) == (train, valid, stats)  # deterministic
+    assert tldr.tldr_to_pairs([path], n_users=3, seed=0) == (train, valid, stats)  # deterministic
     assignments = {
-        tuple(sorted({(p.user, p.group) for p in data.tldr_to_pairs([path], n_users=3, seed=s)[0]}))
+        tuple(sorted({(p.user, p.group) for p in tldr.tldr_to_pairs([path], n_users=3, seed=s)[0]}))
         for s in range(10)
     }
     assert len(assignments) > 1  # the seed matters
-    unseen_groups = {next(p.group for p in data.tldr_to_pairs([path], n_users=3, seed=s)[1] if p.user == "w9")
+    unseen_groups = {next(p.group for p in tldr.tldr_to_pairs([path], n_users=3, seed=s)[1] if p.user == "w9")
                      for s in range(10)}
     assert unseen_groups == {"unseen-long", "unseen-short"}  # each unseen worker draws a preference
 
@@ -483,12 +487,12 @@ def test_tldr_converter(tmp_path):
 def test_tldr_unseen_majority_keeps_known_preferences(tmp_path):
     path = tmp_path / "comparisons.jsonl"
     write_tldr_fixture(path)
-    own = data.tldr_to_pairs([path], n_users=3, seed=0)
-    majority = data.tldr_to_pairs([path], n_users=3, seed=0, unseen_majority=True)
+    own = tldr.tldr_to_pairs([path], n_users=3, seed=0)
+    majority = tldr.tldr_to_pairs([path], n_users=3, seed=0, unseen_majority=True)
     assert majority[0] == own[0]  # training pairs and known preferences do not change
     unseen = [p for p in majority[1] if p.user == "w9"]
     assert [p.group for p in unseen] == ["unseen"] and len(unseen[0].chosen) > len(unseen[0].rejected)
-    short = data.tldr_to_pairs([path], n_users=3, seed=0, p_long=0.2, unseen_majority=True)[1]
+    short = tldr.tldr_to_pairs([path], n_users=3, seed=0, p_long=0.2, unseen_majority=True)[1]
     assert all(len(p.chosen) < len(p.rejected) for p in short if p.user == "w9")  # the majority is short
 
 
@@ -498,14 +502,14 @@ def test_tldr_converter_with_separate_valid_files_and_cli(tmp_path, capsys):
     valid_file.write_text(json.dumps(tldr_record("w7", "train", 9)) + "\n")  # the file, not 'split', decides
     with pytest.raises(DataError, match=r"no validation comparisons in .*train.jsonl: 3 records, 3 training by "
                                         r"their 'split' field; pass --valid"):
-        data.tldr_to_pairs([train_file])
+        tldr.tldr_to_pairs([train_file])
     out = tmp_path / "out"
-    argv = ["tldr", "--comparisons", str(train_file), "--valid", str(valid_file), "--out", str(out)]
-    assert data.main(argv) == 0
+    argv = ["--comparisons", str(train_file), "--valid", str(valid_file), "--out", str(out)]
+    assert tldr.main(argv) == 0
     assert "train 3, valid 1" in capsys.readouterr().out
     assert len(data.read_pairs(out / "train.jsonl")) == 3
     assert [p.group for p in data.read_pairs(out / "valid.jsonl")] in (["unseen-long"], ["unseen-short"])
-    assert data.main(argv + ["--unseen-majority"]) == 0
+    assert tldr.main(argv + ["--unseen-majority"]) == 0
     assert [p.group for p in data.read_pairs(out / "valid.jsonl")] == ["unseen"]
 
 
@@ -518,7 +522,7 @@ def write_psoups_fixture(directory: Path) -> None:
     """20 questions per profile; P1A has a duplicate and a record whose instruction is not the known one;
     P2A uses the comma-less spelling; P3B is stored as JSON Lines."""
     directory.mkdir()
-    for user, sentences in data.PSOUPS_PREFERENCES.items():
+    for user, sentences in psoups.PSOUPS_PREFERENCES.items():
         sentence = sentences[-1]
         records = [
             {"user_input": f"What is thing {q}? {sentence}", "completion_a": f" good {user} {q} ",
@@ -538,12 +542,12 @@ def write_psoups_fixture(directory: Path) -> None:
 
 def test_psoups_converter(tmp_path):
     write_psoups_fixture(tmp_path / "rm_training")
-    train, valid, stats = data.psoups_to_pairs(tmp_path / "rm_training", seed=0)
+    train, valid, stats = psoups.psoups_to_pairs(tmp_path / "rm_training", seed=0)
     assert stats["duplicates_removed"] == 1 and stats["fallback_removals"] == 1
     assert len(train) + len(valid) == 6 * 20 + 1
     assert stats["questions"] == 21 and stats["valid_questions"] == 2
     assert not {p.prompt for p in train} & {p.prompt for p in valid}  # split by question
-    assert Counter(p.user for p in train + valid) == {u: 20 + (u == "P1A") for u in data.PSOUPS_PREFERENCES}
+    assert Counter(p.user for p in train + valid) == {u: 20 + (u == "P1A") for u in psoups.PSOUPS_PREFERENCES}
     assert all(p.group == p.user for p in train + valid)
     for pair in train + valid:
         assert "Generate" not in pair.prompt and "Please" not in pair.prompt
@@ -553,8 +557,8 @@ def test_psoups_converter(tmp_path):
     assert (first.chosen, first.rejected) == ("good P2A 5", "bad P2A 5")
     assert any(p.prompt == "<|user|>\nExplain thing 3.\n<|assistant|>\n" for p in train + valid)
 
-    assert data.psoups_to_pairs(tmp_path / "rm_training", seed=0) == (train, valid, stats)
-    other_valid = data.psoups_to_pairs(tmp_path / "rm_training", seed=1)[1]
+    assert psoups.psoups_to_pairs(tmp_path / "rm_training", seed=0) == (train, valid, stats)
+    other_valid = psoups.psoups_to_pairs(tmp_path / "rm_training", seed=1)[1]
     assert {p.prompt for p in other_valid} != {p.prompt for p in valid}
 
 
@@ -563,8 +567,8 @@ def test_psoups_missing_file_and_cli(tmp_path, capsys):
     write_psoups_fixture(directory)
     (directory / "P3A.json").unlink()
     with pytest.raises(DataError, match="P3A.json: file not found"):
-        data.psoups_to_pairs(directory)
-    assert data.main(["psoups", "--dir", str(directory), "--out", str(tmp_path / "out")]) == 2
+        psoups.psoups_to_pairs(directory)
+    assert psoups.main(["--dir", str(directory), "--out", str(tmp_path / "out")]) == 2
     assert "P3A.json" in capsys.readouterr().err
 
 
@@ -574,9 +578,9 @@ def test_psoups_missing_file_and_cli(tmp_path, capsys):
 
 
 def test_toy_task_shape_and_groups():
-    train, valid = data.make_toy_task(seed=0)
-    assert (train, valid) == data.make_toy_task(seed=0)
-    assert train != data.make_toy_task(seed=1)[0]
+    train, valid = toy_tasks.make_toy_task(seed=0)
+    assert (train, valid) == toy_tasks.make_toy_task(seed=0)
+    assert train != toy_tasks.make_toy_task(seed=1)[0]
     assert len(train) == 10 * 60 and len(valid) == (10 + 4) * 20
 
     group_of = {p.user: p.group for p in train}
@@ -597,16 +601,16 @@ def test_toy_task_shape_and_groups():
 
 
 def test_toy_task_is_short_in_tokens():
-    tok = data.train_bpe_tokenizer(data.toy_corpus_texts(seed=0), 768)
-    train, valid = data.make_toy_task(seed=0)
+    tok = data.train_bpe_tokenizer(toy_tasks.toy_corpus_texts(seed=0), 768)
+    train, valid = toy_tasks.make_toy_task(seed=0)
     items, stats = data.tokenize_pairs(train + valid, tok)
     assert stats["truncated"] == 0 and stats["longest"] <= 48
     assert tok.decode(items[0].prompt_ids) == train[0].prompt
 
 
 def test_cli_toy(tmp_path, capsys):
-    assert data.main(["toy", "--out", str(tmp_path)]) == 0
-    assert data.read_pairs(tmp_path / "train.jsonl") == data.make_toy_task(seed=0)[0]
+    assert toy_tasks.main(["--out", str(tmp_path)]) == 0
+    assert data.read_pairs(tmp_path / "train.jsonl") == toy_tasks.make_toy_task(seed=0)[0]
     assert "600 pairs, 10 users, 2 groups (long 420, short 180)" in capsys.readouterr().out
 
 
@@ -617,7 +621,7 @@ def gpt2_style_tokenizer(path):
     backend = Backend(models.BPE())
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     backend.decoder = decoders.ByteLevel()
-    backend.train_from_iterator(data.toy_corpus_texts(0, n_examples=100),
+    backend.train_from_iterator(toy_tasks.toy_corpus_texts(0, n_examples=100),
                                 trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
                                                     initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     path.mkdir(parents=True, exist_ok=True)
@@ -644,16 +648,16 @@ def test_a_prompt_that_begins_with_bos_gets_no_second_one(tmp_path):
 
 
 def test_instructions_and_length_preference_pairs():
-    questions = data.make_instructions(40, seed=1)
-    assert len(set(questions)) == 40 and questions == data.make_instructions(40, seed=1)
+    questions = smollm2_example.make_instructions(40, seed=1)
+    assert len(set(questions)) == 40 and questions == smollm2_example.make_instructions(40, seed=1)
     with pytest.raises(ValueError, match="352"):
-        data.make_instructions(353)
-    assert data.chatml("Hi?", "Be kind.") == ("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"
+        smollm2_example.make_instructions(353)
+    assert smollm2_example.chatml("Hi?", "Be kind.") == ("<|im_start|>system\nBe kind.<|im_end|>\n<|im_start|>user\nHi?<|im_end|>\n"
                                               "<|im_start|>assistant\n")
-    samples = [{"question": q, "prompt": data.chatml(q), "short": f"s{i}", "long": f"long {i}"}
+    samples = [{"question": q, "prompt": smollm2_example.chatml(q), "short": f"s{i}", "long": f"long {i}"}
                for i, q in enumerate(questions)]
     users = {"a": "long", "b": "long", "c": "short"}
-    pairs = data.length_preference_pairs(samples, users, seed=0, judges=2)
+    pairs = smollm2_example.length_preference_pairs(samples, users, seed=0, judges=2)
     assert len(pairs) == 80
     for first, second in zip(pairs[::2], pairs[1::2]):  # two distinct users judge each prompt
         assert first.prompt == second.prompt and first.user != second.user
@@ -661,14 +665,14 @@ def test_instructions_and_length_preference_pairs():
         i = p.chosen.split()[-1].lstrip("s")
         assert (p.chosen, p.rejected) == ((f"long {i}", f"s{i}") if users[p.user] == "long" else (f"s{i}", f"long {i}"))
         assert p.group == users[p.user]
-    held_out = data.length_preference_pairs(samples[:4], users, balanced=True, group_prefix="unseen-")
+    held_out = smollm2_example.length_preference_pairs(samples[:4], users, balanced=True, group_prefix="unseen-")
     assert [p.group for p in held_out] == ["unseen-long", "unseen-short"] * 4
     assert [p.user for p in held_out] == ["a", "c", "b", "c", "a", "c", "b", "c"]
 
 
 def test_whole_sentences_cuts_after_the_last_complete_sentence():
-    assert data.whole_sentences("Snow is white. It falls in winter. It is col") == "Snow is white. It falls in winter."
-    assert data.whole_sentences("Why? Because it rains!") == "Why? Because it rains!"
-    assert data.whole_sentences("1. Tea\n2. Coffee") == ""  # a list number is no sentence end
-    assert data.whole_sentences("It was built in 1903. Then") == ""  # nor is a number's full stop
-    assert data.whole_sentences("no sentence at all") == ""
+    assert smollm2_example.whole_sentences("Snow is white. It falls in winter. It is col") == "Snow is white. It falls in winter."
+    assert smollm2_example.whole_sentences("Why? Because it rains!") == "Why? Because it rains!"
+    assert smollm2_example.whole_sentences("1. Tea\n2. Coffee") == ""  # a list number is no sentence end
+    assert smollm2_example.whole_sentences("It was built in 1903. Then") == ""  # nor is a number's full stop
+    assert smollm2_example.whole_sentences("no sentence at all") == ""

@@ -4,10 +4,11 @@ import json
 import pytest
 
 import train as T
+from examples import demo
 
 
 def test_demo_reproduces_the_papers_finding(tmp_path):
-    results = T.demo(seed=0, out=str(tmp_path / "demo"), quiet=True)
+    results = demo.demo(seed=0, out=str(tmp_path / "demo"), quiet=True)
     assert json.loads((tmp_path / "demo" / "results.json").read_text()) == results
     dpo, pdpo = results["dpo"]["groups"], results["pdpo"]["groups"]
     assert set(dpo) == set(pdpo) == {"long", "short", "unseen"}
@@ -29,7 +30,7 @@ def test_demo_reproduces_the_papers_finding(tmp_path):
 
 def test_the_tiny_recipe_serves_three_style_groups(tmp_path):
     """The second toy task (50/30/20% want three styles) with the same recipe: not tuned to the first."""
-    results = T.demo(seed=0, out=str(tmp_path / "style"), quiet=True, task="style")
+    results = demo.demo(seed=0, out=str(tmp_path / "style"), quiet=True, task="style")
     dpo, pdpo = results["dpo"]["groups"], results["pdpo"]["groups"]
     assert set(pdpo) == {"formal", "casual", "poetic", "unseen"}
     for group in ("formal", "casual", "poetic"):

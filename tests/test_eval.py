@@ -16,6 +16,8 @@ import eval as E
 import prlhf
 import train as T
 from tests.helpers import toy_setup
+import adapt as A
+import report
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -110,9 +112,9 @@ def test_a_perfect_group_gets_its_plot(tmp_path):
                  "all": "all"} for i in range(8)]
     results = {"run": E.run_results("pdpo", records, [])}
     assert results["run"]["groups"]["perfect"]["accuracy"] == 1.0
-    assert E.write_plots(results, {"run": []}, {"run": None}, {"u1": "perfect", "u2": "half"}, tmp_path)
+    assert report.write_plots(results, {"run": []}, {"run": None}, {"u1": "perfect", "u2": "half"}, tmp_path)
     assert (tmp_path / "accuracy_per_user.png").stat().st_size > 1000
-    assert E.plot_curve([{"fit_pairs": 0, "accuracy": 1.0, "ci95": list(E.wilson_interval(10, 10))}], "u",
+    assert A.plot_curve([{"fit_pairs": 0, "accuracy": 1.0, "ci95": list(E.wilson_interval(10, 10))}], "u",
                         tmp_path / "curve.png")
 
 
@@ -168,7 +170,7 @@ def test_swapped_pairs_and_unseen_users_score_as_they_must(runs):
     # shared-prompt rows put the other response second after swapping: equal up to float32 rounding
     assert [r["margin"] for r in flipped] == pytest.approx([-r["margin"] for r in original], abs=1e-5, rel=1e-5)
     assert {r["status"] for r in original} == {"known"} and {r["status"] for r in unseen} == {"unseen"}
-    generic = E.row_accuracy(run, run.user_model, 0, E.tokenize(run, known), "cpu",
+    generic = A.row_accuracy(run, run.user_model, 0, E.tokenize(run, known), "cpu",
                              E.online_reference(reference, run.pdpo))
     assert generic["mean_margin"] == pytest.approx(sum(r["margin"] for r in unseen) / len(unseen), abs=1e-5)
     assert abs(generic["mean_margin"] - sum(r["margin"] for r in original) / len(original)) > 1e-3  # e_u != e_0
@@ -255,8 +257,8 @@ def test_adaptation_beats_the_generic_embedding_on_held_out_pairs(runs):
     """A fresh toy user who prefers the minority's short answers: e_0 serves them badly, their own row well."""
     run = E.open_run(runs / "pdpo", torch.float32, "cpu")
     reference = E.load_reference(runs / "pdpo", run, None, torch.float32, "cpu")
-    fit, held_out = E.toy_user_pairs("newcomer", 16, 40, seed=1000)
-    curve = E.adaptation_curve(run, reference, fit, held_out, "newcomer", device="cpu", sizes=(4, 16), steps=16,
+    fit, held_out = A.toy_user_pairs("newcomer", 16, 40, seed=1000)
+    curve = A.adaptation_curve(run, reference, fit, held_out, "newcomer", device="cpu", sizes=(4, 16), steps=16,
                                quiet=True)
     assert [p["fit_pairs"] for p in curve] == [0, 4, 16] and {p["pairs"] for p in curve} == {40}
     generic, adapted = curve[0]["accuracy"], curve[-1]["accuracy"]
@@ -268,7 +270,7 @@ def test_adapt_saves_a_new_row_and_serves_the_user_as_known(runs, tmp_path, caps
     run_dir = tmp_path / "run"
     shutil.copytree(runs / "pdpo", run_dir, ignore=shutil.ignore_patterns("checkpoint"))
     before, weights = prlhf.load_user_model(run_dir), sha(run_dir / "model.safetensors")
-    fit, held_out = E.toy_user_pairs("newcomer", 16, 12, seed=2000)
+    fit, held_out = A.toy_user_pairs("newcomer", 16, 12, seed=2000)
     E.main(["adapt", str(run_dir), "--user", "newcomer", "--data", str(write(tmp_path / "fit.jsonl", fit)),
             "--steps", "16", "--quiet"])
     assert "newcomer is now a known user" in capsys.readouterr().out
@@ -300,32 +302,32 @@ def test_adapt_curve_command_saves_nothing_into_the_user_model(runs, tmp_path, c
 def test_new_row_starts_at_e0_and_only_it_moves(runs, kind):
     run = E.open_run(runs / kind, torch.float32, "cpu")
     reference = E.load_reference(runs / kind, run, None, torch.float32, "cpu")
-    user_model, registry = E.add_user(run.user_model, run.registry, "newcomer")
+    user_model, registry = A.add_user(run.user_model, run.registry, "newcomer")
     row = registry.row("newcomer")
     assert row == len(run.registry)  # appended after the known users
     with torch.no_grad():
         e = user_model(torch.tensor([0, row]))  # (2, T_u, d)
         assert torch.equal(e[0], e[1])  # o_new = 0 (individual) or w_new = w_0 (cluster): e_new = e_0
     start = {k: v.detach().clone() for k, v in user_model.state_dict().items()}
-    fit, _ = E.toy_user_pairs("newcomer", 8, 1, seed=3000)
+    fit, _ = A.toy_user_pairs("newcomer", 8, 1, seed=3000)
     collate = E.pair_collate(run, "cpu", registry.row)
-    E.fit_user_row(run, user_model, row, E.tokenize(run, fit), collate, E.online_reference(reference, run.pdpo),
+    A.fit_user_row(run, user_model, row, E.tokenize(run, fit), collate, E.online_reference(reference, run.pdpo),
                    steps=4, lr=0.1)
     table = "user_logits" if kind == "cluster" else "embeddings"
     for name, value in user_model.state_dict().items():
         if name != table:
             assert torch.equal(value, start[name]), name  # the cluster embeddings c_k stay frozen
-    assert torch.equal(E.row_parameter(user_model)[:row], start[table][:row])  # e_0 and the known users too
-    assert not torch.equal(E.row_parameter(user_model)[row], start[table][row])
+    assert torch.equal(A.row_parameter(user_model)[:row], start[table][:row])  # e_0 and the known users too
+    assert not torch.equal(A.row_parameter(user_model)[row], start[table][row])
 
 
 def test_adapt_refuses_what_it_cannot_do(runs, capsys):
     run = E.open_run(runs / "dpo", torch.float32, "cpu")
     with pytest.raises(ValueError, match="uniform"):
-        E.add_user(run.user_model, run.registry, "x")
+        A.add_user(run.user_model, run.registry, "x")
     run = E.open_run(runs / "pdpo", torch.float32, "cpu")
     with pytest.raises(ValueError, match="already known"):
-        E.add_user(run.user_model, run.registry, "user_01")
+        A.add_user(run.user_model, run.registry, "user_01")
     with pytest.raises(SystemExit) as exit_info:
         E.main(["adapt", str(runs / "pdpo"), "--user", "ghost", "--data", str(runs / "valid.jsonl")])
     assert exit_info.value.code == 2

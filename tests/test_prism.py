@@ -1,4 +1,4 @@
-"""PRISM converter (data.prism_to_pairs) on records written by hand after ../shared/real_data/prism/SCHEMA.md
+"""PRISM converter (prism.prism_to_pairs) on records written by hand after ../shared/real_data/prism/SCHEMA.md
 (the codebook's field list; the real files are too large to ship), and train.py on its output."""
 import json
 import math
@@ -11,8 +11,9 @@ import data
 import train as T
 from data import DataError
 from tests.helpers import toy_setup
+from prepare import prism
 
-ATTRIBUTES = data.PRISM_ATTRIBUTES
+ATTRIBUTES = prism.PRISM_ATTRIBUTES
 USER = "<|start_header_id|>user<|end_header_id|>\n\n"
 ASSISTANT = "<|start_header_id|>assistant<|end_header_id|>\n\n"
 END = "<|eot_id|>\n"
@@ -96,24 +97,24 @@ def prism_dir(tmp_path):
 
 
 def test_user_text_top_rated_and_shown_first(prism_dir):
-    train, valid, _ = data.prism_to_pairs(prism_dir)
+    train, valid, _ = prism.prism_to_pairs(prism_dir)
     text = next(p.user_text for p in train + valid if p.user == "user0")
     assert text == ("User information:\nStated preferences: factuality, helpfulness, safety\n"
                     "Self-description: I am user0.\nAge: 25-34 years old\nGender: Female\n"
                     "Education: University Bachelors Degree\nEmployment: Working full-time\n"
                     "Marital status: Never been married\nEnglish proficiency: Native speaker\n")
-    shown = data.prism_to_pairs(prism_dir, stated_prefs="shown-first")
+    shown = prism.prism_to_pairs(prism_dir, stated_prefs="shown-first")
     text = next(p.user_text for p in shown[0] + shown[1] if p.user == "user0")
     assert text.startswith("User information:\nStated preferences: creativity, fluency, values\n")  # order 1, 2, 3
     empty = next(p.user_text for p in train + valid if p.user == "user3")
     assert "Self-description" not in empty  # an empty field is left out
     assert all("SECRET" not in p.user_text for p in train + valid)  # system_string is not used
     with pytest.raises(ValueError, match="stated_prefs='first-shown': expected 'top-rated' or 'shown-first'"):
-        data.prism_to_pairs(prism_dir, stated_prefs="first-shown")
+        prism.prism_to_pairs(prism_dir, stated_prefs="first-shown")
 
 
 def test_pairs_and_every_skip_rule(prism_dir):
-    train, valid, stats = data.prism_to_pairs(prism_dir)
+    train, valid, stats = prism.prism_to_pairs(prism_dir)
     special = [p for p in train + valid if "Hi" in p.prompt and p.user == "user0"]
     found = [(p.prompt.rsplit(USER, 1)[1].split(END)[0], p.chosen, p.rejected) for p in special]
     assert sorted(found) == sorted(SPECIAL_PAIRS)
@@ -137,7 +138,7 @@ def test_pairs_and_every_skip_rule(prism_dir):
 
 
 def test_long_history_is_cut_from_the_left(prism_dir):
-    train, valid, stats = data.prism_to_pairs(prism_dir)
+    train, valid, stats = prism.prism_to_pairs(prism_dir)
     long = [p for p in train + valid if p.user == "longtalk" and "ltc" not in p.prompt]
     budget = 1500 - len(long[0].user_text)
     full = long_conversation("longtalk")["conversation_history"]
@@ -155,7 +156,7 @@ def test_long_history_is_cut_from_the_left(prism_dir):
 
 
 def test_split_seen_unseen(prism_dir):
-    train, valid, stats = data.prism_to_pairs(prism_dir, seed=0)
+    train, valid, stats = prism.prism_to_pairs(prism_dir, seed=0)
     users = {p.user for p in train + valid}
     assert len(users) == 12 and stats["users_seen"] + stats["users_unseen"] == 12
     seen, unseen = {p.user for p in train}, {p.user for p in valid if p.group == "unseen"}
@@ -173,8 +174,8 @@ def test_split_seen_unseen(prism_dir):
         assert conversations_in_train[user] == int(0.9 * CONVERSATIONS_PER_USER[user])
     assert stats["valid_unseen"] == sum(p.group == "unseen" for p in valid) > 0
 
-    assert data.prism_to_pairs(prism_dir, seed=0) == (train, valid, stats)  # deterministic
-    splits = {frozenset(p.user for p in data.prism_to_pairs(prism_dir, seed=s)[0]) for s in range(5)}
+    assert prism.prism_to_pairs(prism_dir, seed=0) == (train, valid, stats)  # deterministic
+    splits = {frozenset(p.user for p in prism.prism_to_pairs(prism_dir, seed=s)[0]) for s in range(5)}
     assert len(splits) > 1  # the seed matters
 
 
@@ -185,7 +186,7 @@ def test_errors_name_file_line_and_field(tmp_path, prism_dir):
     (prism_dir / "conversations.jsonl").write_text("\n".join([lines[0], json.dumps(bad)] + lines[2:]) + "\n")
     with pytest.raises(DataError, match=r"conversations.jsonl:2: conversation_history\[2\]: field 'score' "
                                         r"must be a number, got string"):
-        data.prism_to_pairs(prism_dir)
+        prism.prism_to_pairs(prism_dir)
 
     other = write_prism(tmp_path / "other")
     record = survey("user0")
@@ -193,23 +194,23 @@ def test_errors_name_file_line_and_field(tmp_path, prism_dir):
     (other / "survey.jsonl").write_text(json.dumps(record) + "\n")
     with pytest.raises(DataError, match=r"survey.jsonl:1: stated_prefs: field 'safety' must be a number, "
                                         r"got nothing \(the field is missing\)"):
-        data.prism_to_pairs(other)
+        prism.prism_to_pairs(other)
     (other / "survey.jsonl").write_text(json.dumps(survey("user0")) + "\n")
     with pytest.raises(DataError, match=r"conversations.jsonl:5: user_id 'longtalk' has no survey"):
-        data.prism_to_pairs(other)
+        prism.prism_to_pairs(other)
     (other / "survey.jsonl").unlink()
     with pytest.raises(DataError, match="survey.jsonl: file not found"):
-        data.prism_to_pairs(other)
+        prism.prism_to_pairs(other)
 
 
 def test_cli_prints_counts_and_writes_pairs(prism_dir, tmp_path, capsys):
     out = tmp_path / "out"
-    assert data.main(["prism", "--dir", str(prism_dir), "--out", str(out), "--stated-prefs", "shown-first"]) == 0
+    assert prism.main(["--dir", str(prism_dir), "--out", str(out), "--stated-prefs", "shown-first"]) == 0
     printed = capsys.readouterr().out
-    train, valid, stats = data.prism_to_pairs(prism_dir, stated_prefs="shown-first")
+    train, valid, stats = prism.prism_to_pairs(prism_dir, stated_prefs="shown-first")
     assert printed.splitlines()[0] == ", ".join(f"{k} {v}" for k, v in stats.items())
     assert data.read_pairs(out / "train.jsonl") == train and data.read_pairs(out / "valid.jsonl") == valid
-    assert data.main(["prism", "--dir", str(tmp_path / "missing"), "--out", str(out)]) == 2
+    assert prism.main(["--dir", str(tmp_path / "missing"), "--out", str(out)]) == 2
     assert "survey.jsonl: file not found" in capsys.readouterr().err
 
 
@@ -217,7 +218,7 @@ def test_cli_prints_counts_and_writes_pairs(prism_dir, tmp_path, capsys):
 def converted(tmp_path_factory):
     """A tiny checkpoint (the toy BPE encodes any text) and the PRISM-format records, converted with a short budget."""
     d = toy_setup(tmp_path_factory.mktemp("toy"), pairs_per_user=2, n_valid_per_user=1, n_unseen_users=0)
-    train, valid, _ = data.prism_to_pairs(write_prism(d / "prism"), max_prompt_chars=400)
+    train, valid, _ = prism.prism_to_pairs(write_prism(d / "prism"), max_prompt_chars=400)
     data.write_pairs(d / "prism_train.jsonl", train)
     data.write_pairs(d / "prism_valid.jsonl", valid)
     return d

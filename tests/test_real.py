@@ -18,7 +18,6 @@ import torch
 import data
 import model as lm
 import runs
-import train
 
 pytestmark = pytest.mark.real
 transformers = pytest.importorskip("transformers")
@@ -26,6 +25,7 @@ pytest.importorskip("gguf")
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tools"))
 import smollm2  # noqa: E402
+from examples import smollm2 as smollm2_example
 
 CHATS = [
     [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}],
@@ -90,7 +90,7 @@ def test_chatml_is_smollm2s_chat_template(hf):
     question = "Describe the sea."
     for system in ("You are a helpful assistant.", "Be brief."):
         messages = [{"role": "system", "content": system}, {"role": "user", "content": question}]
-        assert data.chatml(question, system) == hf[0].apply_chat_template(messages, tokenize=False,
+        assert smollm2_example.chatml(question, system) == hf[0].apply_chat_template(messages, tokenize=False,
                                                                            add_generation_prompt=True)
 
 
@@ -157,11 +157,11 @@ def test_smollm2_example_end_to_end_in_small(smol, tmp_path, monkeypatch, capsys
     """train.py --example smollm2 at a few prompts and one step per arm: answers sampled from the real model,
     both arms trained and evaluated, a greedy answer to every held-out pair, a rerun reuses the data, and
     bench/smollm2_seeds.py reads the run and checks it against the targets."""
-    small = {**train.SMOLLM2, "train_prompts": 6, "valid_prompts": 4, "judges": 2, "answer_tokens": 8,
-             "train": {**train.SMOLLM2["train"], "max_steps": 1, "batch_size": 4}}
-    monkeypatch.setattr(train, "SMOLLM2", small)
+    small = {**smollm2_example.SMOLLM2, "train_prompts": 6, "valid_prompts": 4, "judges": 2, "answer_tokens": 8,
+             "train": {**smollm2_example.SMOLLM2["train"], "max_steps": 1, "batch_size": 4}}
+    monkeypatch.setattr(smollm2_example, "SMOLLM2", small)
     out = tmp_path / "seed-0"
-    results = train.smollm2_demo(out=str(out), quiet=True, model_dir=str(smol))
+    results = smollm2_example.smollm2_demo(out=str(out), quiet=True, model_dir=str(smol))
     valid = data.read_pairs(out / "data" / "valid.jsonl")
     samples = json.loads((out / "data" / "samples.json").read_text())["samples"]
     assert len(samples) == 10 and all(s["short"] for s in samples if s["short_tokens"] < s["long_tokens"])
@@ -177,7 +177,7 @@ def test_smollm2_example_end_to_end_in_small(smol, tmp_path, monkeypatch, capsys
         assert results[method]["length_ratio"] == pytest.approx(
             groups["long"]["mean_response_tokens"] / groups["short"]["mean_response_tokens"])
     before = (out / "data" / "samples.json").stat().st_mtime_ns
-    assert train.smollm2_demo(out=str(out), quiet=True, model_dir=str(smol)) == results
+    assert smollm2_example.smollm2_demo(out=str(out), quiet=True, model_dir=str(smol)) == results
     assert (out / "data" / "samples.json").stat().st_mtime_ns == before
 
     sys.path.insert(0, str(ROOT / "bench"))

@@ -10,10 +10,11 @@ from safetensors.torch import load_file, save_file
 
 import data
 import distributed
-import eval as E
+import cache as refcache
 import prlhf
 import train as T
 from tests.helpers import toy_setup, train_interrupted_at
+from examples import toy as toy_tasks
 
 
 @pytest.fixture(scope="module")
@@ -59,13 +60,13 @@ def test_a_second_run_on_the_same_inputs_reads_the_shared_cache(toy, tmp_path, r
     first = reference_passes["n"]
     assert first > 0
     (shared,) = cache.glob("*.safetensors")  # one file, named by the fingerprint
-    assert (tmp_path / "dpo" / E.REFERENCE_FILE).is_file()
+    assert (tmp_path / "dpo" / refcache.REFERENCE_FILE).is_file()
     assert load_file(str(shared)).keys() == {"train.index", "train.chosen", "train.rejected", "valid.index",
                                              "valid.chosen", "valid.rejected"}
     # the P-DPO arm from the same model and data: another user model, the same reference
     T.train(config(toy, tmp_path / "pdpo", cache, user_model="individual", alpha=0.5))
     assert reference_passes["n"] == first
-    assert_same_tensors(load_file(str(tmp_path / "pdpo" / E.REFERENCE_FILE)), load_file(str(shared)))  # for --resume
+    assert_same_tensors(load_file(str(tmp_path / "pdpo" / refcache.REFERENCE_FILE)), load_file(str(shared)))  # for --resume
     # ... and it trains exactly as with log-probs computed afresh
     T.train(config(toy, tmp_path / "pdpo-fresh", "off", user_model="individual", alpha=0.5))
     assert reference_passes["n"] > first
@@ -90,7 +91,7 @@ def test_resume_does_no_second_reference_pass(toy, tmp_path, monkeypatch, refere
 def test_a_corrupt_cache_file_is_warned_about_and_computed_again(toy, tmp_path, capsys, reference_passes):
     out = tmp_path / "run"
     T.train(config(toy, out, "off", max_steps=1))
-    file = out / E.REFERENCE_FILE
+    file = out / refcache.REFERENCE_FILE
     good = {k: v.clone() for k, v in load_file(str(file)).items()}
     file.write_bytes(file.read_bytes()[:100])  # cut short
     n = reference_passes["n"]
@@ -111,7 +112,7 @@ def fingerprint(toy, **kw):
                 data_files=[toy / "train.jsonl", toy / "valid.jsonl"], max_length=96, max_prompt_length=32,
                 average_logps=False, weights_dtype=torch.float32, precision="fp32")
     args.update(kw)
-    return E.reference_fingerprint(**args)["sha256"]
+    return refcache.reference_fingerprint(**args)["sha256"]
 
 
 def copy_of(src: Path, dst: Path) -> Path:
@@ -130,7 +131,7 @@ def changed_weights(toy, tmp_path):
 
 
 def changed_tokenizer(toy, tmp_path):
-    other = data.train_bpe_tokenizer(data.toy_corpus_texts(0, n_examples=300), 320, out_dir=tmp_path / "tok")
+    other = data.train_bpe_tokenizer(toy_tasks.toy_corpus_texts(0, n_examples=300), 320, out_dir=tmp_path / "tok")
     return {"tokenizer": other}
 
 
@@ -185,7 +186,7 @@ def test_a_lora_run_as_model_is_fingerprinted_by_its_adapters_and_base(toy, tmp_
 
 
 # ----------------------------------------------------------------------------------------------
-# eval.reference_cache itself: only rank 0 writes; a stale file (another fingerprint) is not read
+# cache.reference_cache itself: only rank 0 writes; a stale file (another fingerprint) is not read
 
 
 class Items:
@@ -208,8 +209,8 @@ class Items:
 def test_only_rank_0_writes(tmp_path, rank):
     toy = Items(5)
     fp = {"sha256": "ab" * 32, "inputs": {}}
-    files = [tmp_path / "run" / E.REFERENCE_FILE, tmp_path / "shared" / f"{fp['sha256']}.safetensors"]
-    cached = E.reference_cache(toy.reference, {"train": toy.items}, toy.collate, batch_size=2,
+    files = [tmp_path / "run" / refcache.REFERENCE_FILE, tmp_path / "shared" / f"{fp['sha256']}.safetensors"]
+    cached = refcache.reference_cache(toy.reference, {"train": toy.items}, toy.collate, batch_size=2,
                                dist=distributed.SingleProcess("cpu", rank=rank), fingerprint=fp, files=files)
     chosen, rejected = cached({"index": torch.tensor([4, 1])})
     assert chosen.tolist() == [-4.0, -1.0] and rejected.tolist() == [-8.0, -2.0]
@@ -218,8 +219,8 @@ def test_only_rank_0_writes(tmp_path, rank):
 
 def test_a_stale_file_is_not_read(tmp_path):
     toy = Items(3)
-    file = tmp_path / E.REFERENCE_FILE
-    E.reference_cache(toy.reference, {"train": toy.items}, toy.collate, batch_size=2,
+    file = tmp_path / refcache.REFERENCE_FILE
+    refcache.reference_cache(toy.reference, {"train": toy.items}, toy.collate, batch_size=2,
                       fingerprint={"sha256": "old", "inputs": {}}, files=[file])
     calls = []
 
@@ -227,7 +228,7 @@ def test_a_stale_file_is_not_read(tmp_path):
         calls.append(batch["index"].tolist())
         return torch.zeros(len(batch["index"])), torch.ones(len(batch["index"]))
 
-    cached = E.reference_cache(other_reference, {"train": toy.items}, toy.collate, batch_size=2,
+    cached = refcache.reference_cache(other_reference, {"train": toy.items}, toy.collate, batch_size=2,
                                fingerprint={"sha256": "new", "inputs": {}}, files=[file])
     assert calls and cached({"index": torch.tensor([2])})[1].tolist() == [1.0]
     assert load_file(str(file))["train.chosen"].tolist() == [0.0, 0.0, 0.0]  # written again
