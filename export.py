@@ -92,8 +92,8 @@ def export_adapters(run_dir: Path, args: dict, out: Path) -> list[str]:
     """Write adapter_model.safetensors and adapter_config.json; return the target modules."""
     base = Path(args["model"])
     if runs.is_run_dir(base) and (base / "adapter.safetensors").is_file():
-        raise ValueError(f"{run_dir}: its base {base} is itself a LoRA run, and PEFT puts one adapter on a "
-                         f"Hugging Face checkpoint: export {base}/merged (train it with --merge) and train on that")
+        raise ValueError(f"{run_dir}: its base {base} is itself a LoRA run, but a PEFT adapter sits on a Hugging "
+                         f"Face checkpoint: train on {base}/merged instead (train.py --merge writes it)")
     try:
         cfg = lm.read_config(base)
     except FileNotFoundError:

@@ -182,3 +182,18 @@ def test_full_run_is_a_one_line_error(tmp_path, capsys):
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "full fine-tuning run" in err and "Hugging Face checkpoint" in err
+
+
+@pytest.mark.parametrize("base", ["a LoRA run", "missing"])
+def test_a_base_peft_cannot_load_is_a_one_line_error(exported, tmp_path, capsys, base):
+    _, _, run_dir, _ = exported
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=shutil.ignore_patterns("checkpoint"))
+    args = runs.read_json(run / "args.json")
+    runs.atomic_write_json({**args, "model": str(run_dir) if base == "a LoRA run" else str(tmp_path / "gone")},
+                           run / "args.json")
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(run), str(tmp_path / "out")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and ("itself a LoRA run" if base == "a LoRA run" else "is not here") in err, err
