@@ -279,8 +279,12 @@ class Run:
 
     @property
     def pdpo(self) -> prlhf.PDPOConfig:
-        """The user model and objective it was trained with (the PDPOConfig fields of args.json)."""
-        return prlhf.PDPOConfig(**{f.name: self.args[f.name] for f in fields(prlhf.PDPOConfig) if f.name in self.args})
+        return pdpo_config(self.args)
+
+
+def pdpo_config(args: dict) -> prlhf.PDPOConfig:
+    """The user model and objective a run was trained with (the PDPOConfig fields of its args.json)."""
+    return prlhf.PDPOConfig(**{f.name: args[f.name] for f in fields(prlhf.PDPOConfig) if f.name in args})
 
 
 def load_run(path, dtype=torch.float32, device="cpu") -> Run:

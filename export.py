@@ -1,0 +1,181 @@
+"""Export a LoRA run for Hugging Face tools: PEFT adapters, and every user's embedding e_u.
+
+    python export.py RUN OUT
+
+OUT then holds what plain `transformers` + `peft` need to answer as any user (docs/huggingface.md):
+
+    adapter_config.json, adapter_model.safetensors   the LoRA adapters in PEFT's format, for the base model
+                                                     named in RUN/args.json: PeftModel.from_pretrained(base, OUT)
+    user_embeddings.safetensors                      "user_embeddings" (N + 1, T_u, d): row 0 is e_0, the generic user
+    user_embeddings.json                             row -> user identifier (row 0: null), T_u, d, the layout
+    tokenizer.json, tokenizer_config.json, ...       the run's tokenizer
+
+The user rows are the soft prompt of PAPER.md, "Personalized LM": [BOS] [e_u] [user text] [prompt] [response].
+
+References (read, not copied): PEFT's LoRA layers and their saved form (huggingface/peft, `tuners/lora/layer.py`:
+Linear keeps lora_A (r, in) and lora_B (out, r), Embedding keeps lora_embedding_A (r, vocab) and
+lora_embedding_B (d, r), both scaled by lora_alpha / r without use_rslora; `utils/save_and_load.py`: keys are the
+module's name under "base_model.model." with the adapter name dropped). Our LoRA (runs.py) stores the same
+shapes with the same scale, so the export renames tensors and transposes none.
+
+Reading order: names, adapters, user embeddings, the run, the command line.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+import data
+import model as lm
+import prlhf
+import runs
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+USER_EMBEDDINGS, USER_ROWS = "user_embeddings.safetensors", "user_embeddings.json"
+PEFT_PREFIX = "base_model.model."  # PeftModelForCausalLM.base_model (LoraModel).model (the transformers model)
+
+
+# ----------------------------------------------------------------------------------------------
+# Names: our modules -> Hugging Face modules, from the one mapping model.hf_key_map writes out
+
+
+def hf_module_names(cfg: lm.ModelConfig) -> dict[str, str]:
+    """Our module name -> the Hugging Face module name, for every module with a weight:
+    "layers.0.attention.wq" -> "model.layers.0.self_attn.q_proj" (LLaMA), "transformer.h.0.attn.q_proj" (GPT-J)."""
+    return {ours.removesuffix(".weight"): hf.removesuffix(".weight")
+            for hf, ours in lm.hf_key_map(cfg).items() if ours.endswith(".weight")}
+
+
+def peft_key(hf_module: str, tensor: str, embedding: bool) -> str:
+    """PEFT's saved name of one adapter tensor: lora_A / lora_B of a Linear are nn.Linear weights
+    ("...q_proj.lora_A.weight"); an Embedding's are bare parameters ("...embed_tokens.lora_embedding_A")."""
+    if embedding:
+        return f"{PEFT_PREFIX}{hf_module}.{tensor.replace('lora_', 'lora_embedding_')}"
+    return f"{PEFT_PREFIX}{hf_module}.{tensor}.weight"
+
+
+# ----------------------------------------------------------------------------------------------
+# Adapters: runs.save_run's adapter.safetensors -> PEFT's adapter_model.safetensors and adapter_config.json
+
+
+def peft_adapters(adapters: dict, cfg: lm.ModelConfig, source: Path) -> tuple[dict, list[str]]:
+    """Rename our adapter tensors ("layers.0.attention.wq.lora_A") to PEFT's; also return the target
+    modules, the last parts of the Hugging Face names (PEFT wraps every module whose name ends so, as
+    add_lora wraps every module whose last name is a target)."""
+    names = hf_module_names(cfg)
+    tensors, targets = {}, set()
+    for key, tensor in adapters.items():
+        module, which = key.rsplit(".", 1)  # "layers.0.attention.wq", "lora_A"
+        if module not in names or which not in ("lora_A", "lora_B"):
+            raise ValueError(f"{source}: tensor {key!r} is not an adapter of a {cfg.family} module "
+                             f"(expected <module>.lora_A / .lora_B, module as in model.hf_key_map)")
+        # tok_embeddings is the only nn.Embedding of model.Transformer
+        tensors[peft_key(names[module], which, module == "tok_embeddings")] = tensor
+        targets.add(names[module].rsplit(".", 1)[-1])
+    return tensors, sorted(targets)
+
+
+def adapter_config(args: dict, targets: list[str]) -> dict:
+    """adapter_config.json: plain LoRA, scale lora_alpha / r (use_rslora off), as runs.LoRALinear computes.
+    lora_dropout is what training used; PEFT, like us, drops nothing in eval mode."""
+    return dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=str(args["model"]),
+                r=args["lora_r"], lora_alpha=args["lora_alpha"], lora_dropout=args["lora_dropout"],
+                target_modules=targets, bias="none", fan_in_fan_out=False, use_rslora=False, use_dora=False,
+                init_lora_weights=True, modules_to_save=None, layers_to_transform=None, layers_pattern=None,
+                rank_pattern={}, alpha_pattern={}, inference_mode=True, revision=None)
+
+
+def export_adapters(run_dir: Path, args: dict, out: Path) -> list[str]:
+    """Write adapter_model.safetensors and adapter_config.json; return the target modules."""
+    base = Path(args["model"])
+    if runs.is_run_dir(base) and (base / "adapter.safetensors").is_file():
+        raise ValueError(f"{run_dir}: its base {base} is itself a LoRA run, but a PEFT adapter sits on a Hugging "
+                         f"Face checkpoint: train on {base}/merged instead (train.py --merge writes it)")
+    try:
+        cfg = lm.read_config(base)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{run_dir}/args.json: its base model {base} is not here (no config.json); "
+                                f"the adapters only make sense on it") from None
+    adapters = runs.read_tensors(run_dir / "adapter.safetensors")
+    tensors, targets = peft_adapters(adapters, cfg, run_dir / "adapter.safetensors")
+    runs.atomic_save_tensors(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+    runs.atomic_write_json(adapter_config(args, targets), out / ADAPTER_CONFIG)
+    return targets
+
+
+# ----------------------------------------------------------------------------------------------
+# User embeddings: every row through the user model's own forward, so each kind's formula stays in prlhf
+
+
+@torch.no_grad()
+def user_embeddings(user_model, registry: prlhf.UserRegistry) -> torch.Tensor:
+    """e_u of every row, generic row 0 first: (N + 1, T_u, d) in float32 (uniform e, e_0 + o_i, sum_k w c_k)."""
+    return user_model(torch.arange(len(registry))).float()  # (N + 1, T_u, d)
+
+
+def export_users(run_dir: Path, args: dict, out: Path) -> torch.Tensor:
+    """Write user_embeddings.safetensors and user_embeddings.json; return the rows (N + 1, T_u, d)."""
+    user_model, registry = prlhf.load_user_model(run_dir)
+    rows = user_embeddings(user_model, registry)  # (N + 1, T_u, d)
+    runs.atomic_save_tensors({"user_embeddings": rows}, out / USER_EMBEDDINGS, metadata={"format": "pt"})
+    use_text = runs.pdpo_config(args).use_user_text
+    runs.atomic_write_json(dict(
+        rows=[None, *registry.users],  # rows[i]: the user of row i; row 0 (null) is e_0, for every unknown user
+        n_user_tokens=rows.shape[1], hidden_size=rows.shape[2], user_model=user_model.kind, use_user_text=use_text,
+        layout="[BOS] [user_embeddings[row]] " + ("[user text] " if use_text else "") + "[prompt] [response]",
+    ), out / USER_ROWS)
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# The run
+
+
+def export_run(run_dir, out_dir) -> list[str]:
+    """Export a LoRA run of train.py to out_dir for transformers + peft; return notes for the user.
+
+    A ValueError or FileNotFoundError (one line, naming the file) for what cannot be exported."""
+    run_dir, out = Path(run_dir), Path(out_dir)
+    if not runs.is_run_dir(run_dir):
+        raise FileNotFoundError(f"{run_dir}: not a run directory (no args.json); train one with train.py --out")
+    if not (run_dir / "adapter.safetensors").is_file():
+        # save_run writes a full run's weights as config.json + model.safetensors in the run directory itself
+        raise ValueError(f"{run_dir}: a full fine-tuning run (no adapter.safetensors): {run_dir} is already a "
+                         f"Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json); export is "
+                         f"for LoRA runs (train.py --lora-r)")
+    args = runs.read_json(run_dir / "args.json")
+    out.mkdir(parents=True, exist_ok=True)
+    targets = export_adapters(run_dir, args, out)
+    data.load_tokenizer(run_dir).save(out)
+    notes = [f"{out}/{ADAPTER_WEIGHTS}: LoRA r {args['lora_r']} on {', '.join(targets)} of {args['model']}"]
+    if not (run_dir / "user_model.json").is_file():
+        notes.append(f"{run_dir} has no user model (an SFT run): adapters only"
+                     + (f"; {run_dir}/merged is the same model as one checkpoint" if (run_dir / "merged").is_dir() else ""))
+    else:
+        rows = export_users(run_dir, args, out)
+        notes.append(f"{out}/{USER_EMBEDDINGS}: {rows.shape[0]} rows (row 0 = e_0, the generic user) "
+                     f"of T_u = {rows.shape[1]} vectors of d = {rows.shape[2]}")
+    if (run_dir / "reward_head.safetensors").is_file():
+        notes.append(f"{run_dir}/reward_head.safetensors (r_phi's head of a P-RM run) has no PEFT form: not exported")
+    return notes
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="export.py", description="Export a LoRA run for transformers + peft: "
+                                "adapters in PEFT's format and the users' embeddings e_u (docs/huggingface.md).")
+    p.add_argument("run", help="run directory written by train.py with --lora-r > 0")
+    p.add_argument("out", help="directory to write adapter_config.json, adapter_model.safetensors, "
+                   "user_embeddings.* and the tokenizer into")
+    args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
+    try:
+        notes = export_run(args.run, args.out)
+    except (data.DataError, ValueError, FileNotFoundError) as e:
+        runs.fail(str(e))
+    print("\n".join(notes))
+
+
+if __name__ == "__main__":
+    main()
