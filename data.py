@@ -152,7 +152,10 @@ def load_tokenizer(checkpoint_dir: str | os.PathLike) -> Tokenizer:
             f"only a sentencepiece model, write one once with transformers: "
             f"AutoTokenizer.from_pretrained(dir).save_pretrained(dir)"
         )
-    backend = BackendTokenizer.from_file(str(path))
+    try:
+        backend = BackendTokenizer.from_file(str(path))
+    except Exception as e:  # the tokenizers library's own errors: truncated or not a tokenizer at all
+        raise DataError(f"{path}: not a readable tokenizer.json ({e})") from None
     eos_id = _special_token_id(directory, backend, "eos")
     if eos_id is None:
         raise DataError(

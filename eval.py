@@ -190,6 +190,11 @@ def summarize(records: list[dict], key: str) -> dict:
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def weights_dtype(name: str, device: str) -> torch.dtype:
+    """--dtype: fp32, bf16, fp16, or auto (bf16 where bf16 is native, else fp32: runs.pick_precision)."""
+    return DTYPES[runs.pick_precision(name, device)]
+
+
 def check_run_dir(path) -> Path:
     path = Path(path)
     if not runs.is_run_dir(path):
@@ -201,7 +206,7 @@ def check_run_dir(path) -> Path:
 def open_run(path, dtype, device) -> runs.Run:
     """runs.load_run, refusing what has no preference reward (SFT runs) with a message for people."""
     path = check_run_dir(path)
-    stage = json.loads((path / "args.json").read_text()).get("stage")
+    stage = runs.read_json(path / "args.json").get("stage")
     if stage not in ("pdpo", "prm"):
         raise ValueError(f"{path}: a {stage} run has no preference reward to evaluate; "
                          f"evaluate a pdpo or prm run (args.json 'stage')")
@@ -394,7 +399,7 @@ def evaluate_runs(run_dirs: list[str], data_file, *, out=None, reference: str | 
     for i, (name, path) in enumerate(zip(report.run_names(paths), paths)):
         results[name], generations[name], embeddings[name], run_notes = evaluate_run(
             name, path, pairs, data_file, generate, reference=reference if i == 0 else None,
-            device=runs.pick_device(device), dtype=DTYPES[dtype], quiet=quiet)
+            device=runs.pick_device(device), dtype=weights_dtype(dtype, runs.pick_device(device)), quiet=quiet)
         notes += run_notes
     settings = (f"{samples_per_user} prompts per user (seed {seed}), "
                 + ("greedy" if temperature == 0 else f"sampled at temperature {temperature}, top-p {top_p}")
@@ -445,7 +450,8 @@ def common_flags(p: argparse.ArgumentParser):
 def evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Subcommands: `eval.py adapt --help`, `eval.py users --help`.")
+                                epilog="Subcommands: `eval.py generate --help` (answer as a user), `eval.py adapt --help`, "
+                                       "`eval.py users --help`, `eval.py export --help` (for transformers + peft).")
     p.add_argument("run", metavar="RUN_DIR", help="a pdpo or prm run directory written by train.py")
     p.add_argument("--data", required=True, help="preference pairs to evaluate on, JSON Lines (see data.py)")
     p.add_argument("--baseline", default=None, metavar="OTHER_RUN_DIR",
@@ -465,16 +471,107 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-repeat-ngram-size", type=int, default=0,
                    help=f"forbid repeating any n-gram of this size (0 = off; {hides})")
     p.add_argument("--min-new-tokens", type=int, default=0, help=f"forbid EOS before this many new tokens ({hides})")
-    p.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="dtype of the loaded weights")
+    dtype_flag(p)
     common_flags(p)
     return p
 
 
+def dtype_flag(p: argparse.ArgumentParser):
+    p.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
+                   help="dtype of the loaded weights; auto: bf16 on CUDA and on CPUs with native bf16, else fp32 "
+                        "(default: %(default)s)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Answering as a user: `eval.py generate RUN --user ID --prompt TEXT` (what a personalized LM is for)
+
+
+def chat_prompt(run_dir: Path, tokenizer: data.Tokenizer, prompt: str) -> str:
+    """`prompt` as the one user turn of the run's chat template (chat_template.jinja, or tokenizer_config.json's
+    "chat_template"), ending where the assistant answers. Rendered as Hugging Face renders it (jinja2, which
+    comes with torch). A BOS the template writes is the row's BOS (data.prefix_ids adds no second one)."""
+    template = (run_dir / "chat_template.jinja").read_text() if (run_dir / "chat_template.jinja").is_file() else None
+    if template is None and (run_dir / "tokenizer_config.json").is_file():
+        template = runs.read_json(run_dir / "tokenizer_config.json").get("chat_template")
+        if isinstance(template, list):  # named templates: the default one
+            template = next((t["template"] for t in template if t.get("name") == "default"), None)
+    if not isinstance(template, str):
+        raise ValueError(f"{run_dir}: --chat, but the run's tokenizer has no chat template "
+                         f"(chat_template.jinja, or 'chat_template' in tokenizer_config.json)")
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise ValueError(f"{run_dir}: the chat template refuses the prompt: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    env.globals["raise_exception"] = raise_exception
+    special = lambda i: tokenizer.backend.id_to_token(i)  # noqa: E731
+    return env.from_string(template).render(messages=[{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                            bos_token=special(tokenizer.bos_id), eos_token=special(tokenizer.eos_id))
+
+
+def answer_as_users(run: runs.Run, run_dir: Path, users: list[str], prompt: str, *, user_text: str = "",
+                    chat: bool = False, **sampling) -> list[dict]:
+    """One answer to `prompt` per user, side by side: [BOS] [e_u] [user text] [prompt] -> answer.
+
+    A user the run never saw gets row 0, the generic embedding e_0, as at serving time. sampling:
+    max_new_tokens, temperature (0 = greedy), top_p, seed (eval.generate_responses)."""
+    if user_text and not run.pdpo.use_user_text:
+        raise ValueError(f"{run_dir}: --user-text, but this run was trained without user text (--user-info "
+                         f"implicit): it never learned to read one")
+    text = chat_prompt(run_dir, run.tokenizer, prompt) if chat else prompt
+    prompt_ids, user_text_ids = run.tokenizer.encode(text), run.tokenizer.encode(user_text) if user_text else []
+    items = [data.TokenizedPair(user, None, prompt_ids, user_text_ids, [], [], i) for i, user in enumerate(users)]
+    gens = generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items,
+                              use_user_text=bool(user_text), **sampling)
+    return [{"user": u, "known": run.registry.row(u) != 0, "answer": g["response"].strip()} for u, g in zip(users, gens)]
+
+
+def generate_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval.py generate", description=(
+        "Answer a prompt as one or more users of a run, side by side. Unknown users get the generic embedding "
+        "e_0. Without --prompt, prompts are read from standard input, one per line, until end of file."))
+    p.add_argument("run", metavar="RUN_DIR", help="a pdpo run directory written by train.py")
+    p.add_argument("--user", action="append", required=True, help="a user identifier; repeat for several")
+    p.add_argument("--prompt", default=None, help="the prompt (default: read prompts from standard input)")
+    p.add_argument("--user-text", default="", help="the user's description, for runs trained with --user-info "
+                   "explicit or both: [BOS] [e_u] [user text] [prompt]")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer (default: %(default)s)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 = sampled")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, with --temperature > 0")
+    p.add_argument("--seed", type=int, default=0, help="seed of sampling (default: 0)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
+    dtype_flag(p)
+    return p
+
+
+def run_generate(args):
+    device = runs.pick_device(args.device)
+    run_dir = check_run_dir(args.run)
+    run = open_run(run_dir, weights_dtype(args.dtype, device), device)
+    for user in args.user:
+        if run.registry.row(user) == 0:
+            print(f"note: {user} is not a user of {run_dir}: answered with the generic embedding e_0", file=sys.stderr)
+    sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
+    for prompt in prompts:
+        if not prompt.strip():
+            continue
+        for a in answer_as_users(run, run_dir, args.user, prompt, user_text=args.user_text, chat=args.chat, **sampling):
+            print(f"[{a['user']}{'' if a['known'] else ', unseen: e_0'}] {a['answer']}", flush=True)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else list(argv)
-    command = argv[0] if argv and argv[0] in ("adapt", "users") else "evaluate"
+    command = argv[0] if argv and argv[0] in ("adapt", "users", "generate", "export") else "evaluate"
     try:
-        if command in ("adapt", "users"):  # new users and the learned users: adapt.py
+        if command == "generate":
+            run_generate(generate_parser().parse_args(argv[1:]))
+        elif command == "export":  # adapters and user embeddings for Hugging Face tools: export.py
+            import export
+            export.main(argv[1:])
+        elif command in ("adapt", "users"):  # new users and the learned users: adapt.py
             import adapt
             if command == "users":
                 args = adapt.users_parser().parse_args(argv[1:])

@@ -293,6 +293,10 @@ def load_run(path, dtype=torch.float32, device="cpu") -> Run:
     if not is_run_dir(path):
         raise FileNotFoundError(f"{path}: not a run directory (no args.json); train one with train.py --out")
     args = read_json(path / "args.json")
+    missing = [name for name in prlhf.USER_MODEL_FILES if not (path / name).is_file()]
+    if args.get("stage") in ("pdpo", "prm") and missing:
+        raise FileNotFoundError(f"{path / missing[0]}: missing; a {args['stage']} run keeps its users in "
+                                f"{', '.join(prlhf.USER_MODEL_FILES)} (copy them back, or train the run again)")
     model = load_base(path, dtype, device)
     user_model = registry = head = None
     if (path / "user_model.json").is_file():

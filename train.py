@@ -353,6 +353,8 @@ def check_inputs(cfg: TrainConfig, dist):
         path = getattr(cfg, flag)
         if path and not Path(path).is_file():
             raise FileNotFoundError(f"--{flag} {path}: no such file")
+    if Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise FileExistsError(f"--out {cfg.out}: a file is there; the run needs a directory (a new or a run's one)")
     if cfg.resume and not (Path(cfg.out) / "args.json").is_file():
         raise FileNotFoundError(f"{cfg.out}: --resume but no args.json there")
 
@@ -586,7 +588,7 @@ def main(argv=None):
             runs.fail(f"--{name} is required (or run `python train.py` with no arguments for the demo)")
     try:
         train(cfg)
-    except (data.DataError, ValueError, FileNotFoundError) as e:
+    except (data.DataError, ValueError, FileNotFoundError, FileExistsError) as e:
         runs.fail(str(e))
 
 

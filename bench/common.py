@@ -24,6 +24,7 @@ if str(ROOT) not in sys.path:  # the project's modules (model, prlhf, data, trai
     sys.path.insert(0, str(ROOT))
 
 import model as lm  # noqa: E402
+import runs  # noqa: E402
 
 
 def pick_device(flag: str = "auto") -> str:
@@ -86,9 +87,12 @@ def emit_json(figures: dict):
 
 
 def describe_machine(device: str) -> str:
+    """The device, and what --precision auto picks on it (runs.pick_precision): timings depend on both."""
+    auto = f"--precision auto -> {runs.pick_precision('auto', device)}"
     if device.startswith("cuda"):
-        return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
-    return f"CPU, {torch.get_num_threads()} threads (torch {torch.__version__})"
+        return f"{torch.cuda.get_device_name()}, {auto} (torch {torch.__version__})"
+    return (f"CPU ({torch.backends.cpu.get_cpu_capability()}, native bf16: {'yes' if runs.native_bf16(device) else 'no'}; "
+            f"{auto}), {torch.get_num_threads()} threads (torch {torch.__version__})")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", default="0,1,2", help="comma-separated seeds")
     p.add_argument("--workdir", default="runs/smollm2-seeds", help="where the runs go (seed-S each)")
+    p.add_argument("--precision", default="", help="passed to the example (default: its own, auto)")
     return p.parse_args(argv)
 
 
@@ -43,7 +44,8 @@ def main(argv=None):
     for seed in [int(s) for s in args.seeds.split(",")]:
         out = Path(args.workdir) / f"seed-{seed}"
         if not (out / "results.json").is_file():
-            C.run_train_script(example="smollm2", seed=seed, out=str(out), quiet=True)
+            C.run_train_script(example="smollm2", seed=seed, out=str(out), quiet=True,
+                               **({"precision": args.precision} if args.precision else {}))
         r = results[seed] = json.loads((out / "results.json").read_text())
         for method in ("dpo", "pdpo"):
             g = r[method]["groups"]
@@ -53,6 +55,8 @@ def main(argv=None):
                          f"{g['long']['repeated_3gram']:.2f} / {g['short']['repeated_3gram']:.2f}",
                          f"{r['base']['groups']['held-out']['repeated_3gram']:.2f}" if method == "dpo" else "",
                          f"{sum(r['seconds'].values()):.0f}" if method == "pdpo" else ""])
+    print(f"{C.describe_machine('cpu')}; the runs' precision: "
+          + ", ".join(f"seed {seed} {r.get('precision', '?')}" for seed, r in results.items()))
     C.print_table(["seed", "method", "acc long", "acc short", "acc unseen-long", "tokens long / short users",
                    "ratio", "repeated 3-gram long / short", "base repeated 3-gram", "wall s"], rows)
     checks = {seed: check(r) for seed, r in results.items()}

@@ -219,7 +219,7 @@ def smollm2_demo(out: str = "runs/smollm2", seed: int = 0, quiet: bool = False, 
             train(TrainConfig(out=str(out / method), **arm, **common))
         results[method] = smollm2_results(out / method, data.read_pairs(data_dir / "valid.jsonl"), quiet, dtype)
         seconds[method] = time.perf_counter() - t
-    runs.atomic_write_json({**results, "seconds": seconds}, out / "results.json")
+    runs.atomic_write_json({**results, "seconds": seconds, "precision": precision}, out / "results.json")
     print_smollm2_table(results)
     print(f"wrote {out}/results.json (runs dpo, pdpo) in {time.perf_counter() - t0:.0f} s ("
           + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ")")

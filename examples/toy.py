@@ -5,6 +5,7 @@
   style   three groups (50 / 30 / 20%) want the same answer in different styles (make_style_task).
 
     python -m examples.toy --out DIR [--task style]     # write a task's train.jsonl and valid.jsonl
+    python -m examples.toy --out DIR --new-user NAME    # a new short-preferring user's pairs
 
 Reading order: the tasks' words and answers, the tasks, their tokenizer corpus, a new user for `adapt --curve`,
 the command line.
@@ -205,8 +206,13 @@ def main(argv=None) -> int:
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--task", choices=list(TOY_TASKS), default="length")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--new-user", metavar="NAME", help="instead: 16 pairs (and 40 held out) of one new user who "
+                   "prefers short answers, for `eval.py adapt RUN --user NAME --data OUT/train.jsonl`")
     args = p.parse_args(argv)
-    data.write_split(args.out, *TOY_TASKS[args.task](seed=args.seed))
+    if args.new_user:
+        data.write_split(args.out, *toy_user_pairs(args.new_user, 16, 40, seed=1000 + args.seed))
+    else:
+        data.write_split(args.out, *TOY_TASKS[args.task](seed=args.seed))
     return 0
 
 

@@ -3,12 +3,21 @@ import json
 
 import pytest
 
+import data
+import eval as evaluation
 import train as T
-from examples import demo
+from examples import demo, toy
 
 
-def test_demo_reproduces_the_papers_finding(tmp_path):
-    results = demo.demo(seed=0, out=str(tmp_path / "demo"), quiet=True)
+@pytest.fixture(scope="module")
+def length_demo(tmp_path_factory):
+    """The demo on the length task, seed 0: its directory and results."""
+    tmp_path = tmp_path_factory.mktemp("length")
+    return tmp_path, demo.demo(seed=0, out=str(tmp_path / "demo"), quiet=True)
+
+
+def test_demo_reproduces_the_papers_finding(length_demo):
+    tmp_path, results = length_demo
     assert json.loads((tmp_path / "demo" / "results.json").read_text()) == results
     dpo, pdpo = results["dpo"]["groups"], results["pdpo"]["groups"]
     assert set(dpo) == set(pdpo) == {"long", "short", "unseen"}
@@ -26,6 +35,21 @@ def test_demo_reproduces_the_papers_finding(tmp_path):
         args = json.loads((tmp_path / "demo" / name / "args.json").read_text())
         assert args["recipe"] == "tiny" and args["nll_weight"] == (1.0 if name != "sft" else 0.0)
     assert (tmp_path / "demo" / "data" / "train.jsonl").is_file()
+
+
+def test_generate_answers_each_user_as_they_prefer(length_demo, capsys):
+    """`python eval.py generate runs/demo/pdpo --user user_01 --user user_02 --prompt "Tell me about the kettle."`:
+    one answer per user, side by side, each of the kind that user prefers (README's quick tour)."""
+    tmp_path, _ = length_demo
+    run = tmp_path / "demo" / "pdpo"
+    prefers = {p.user: p.group for p in data.read_pairs(tmp_path / "demo" / "data" / "train.jsonl")}
+    users = [next(u for u in sorted(prefers) if prefers[u] == kind) for kind in ("short", "long")]
+    evaluation.main(["generate", str(run), *(a for u in users for a in ("--user", u)), "--prompt",
+                     "Tell me about the kettle.", "--dtype", "fp32"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("] ", 1)[0] for line in lines] == [f"[{u}" for u in users]
+    kinds = [toy.toy_answer_kind("length", "kettle", line.split("] ", 1)[1]) for line in lines]
+    assert kinds == ["short", "long"], lines
 
 
 def test_the_tiny_recipe_serves_three_style_groups(tmp_path):

@@ -1,6 +1,7 @@
 """eval.py: intervals and tables on hand-made cases, the report with and without matplotlib, reward-model
 runs, adapting to a new user on the toy task, inspecting users, and messages for people."""
 import hashlib
+import io
 import json
 import math
 import shutil
@@ -433,3 +434,101 @@ def test_generation_constraints_are_reported_and_change_the_answers(runs, tmp_pa
     assert "constraints that hide degeneration" in (tmp_path / "forced" / "report.md").read_text()
     assert forced["pdpo"]["overall"]["mean_response_tokens"] == 8  # no EOS before 8 new tokens
     assert plain["pdpo"]["overall"]["mean_response_tokens"] < 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Answering as a user: eval.py generate
+
+
+def test_generate_answers_side_by_side_and_tells_an_unknown_user(runs, capsys):
+    run = runs / "pdpo"
+    E.main(["generate", str(run), "--user", "user_01", "--user", "stranger", "--prompt", " Describe the apple.",
+            "--max-new-tokens", "12", "--dtype", "fp32"])
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    assert [line.split("] ", 1)[0] for line in lines] == ["[user_01", "[stranger, unseen: e_0"]
+    assert captured.err.strip() == f"note: stranger is not a user of {run}: answered with the generic embedding e_0"
+    opened = E.open_run(run, torch.float32, "cpu")
+    pairs = [data.Pair(u, " Describe the apple.", "a", "b") for u in ("user_01", "stranger")]
+    expected = E.generate_responses(opened.model, opened.user_model, opened.registry, opened.tokenizer,
+                                    E.tokenize(opened, pairs), max_new_tokens=12)
+    assert [line.split("] ", 1)[1] for line in lines] == [g["response"].strip() for g in expected]
+
+
+def test_generate_reads_prompts_from_standard_input_until_eof(runs, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO(" Describe the apple.\n\n Tell me about the river.\n"))
+    E.main(["generate", str(runs / "pdpo"), "--user", "user_01", "--user", "user_02", "--max-new-tokens", "6",
+            "--dtype", "fp32"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("] ", 1)[0] for line in lines] == ["[user_01", "[user_02"] * 2  # the blank line is skipped
+
+
+def test_chat_prompt_renders_the_template_with_one_bos(runs, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(runs / "pdpo", run, ignore=shutil.ignore_patterns("checkpoint"))
+    (run / "chat_template.jinja").write_text("{{ bos_token }}{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}"
+                                             "{% endfor %}{% if add_generation_prompt %}<assistant>{% endif %}")
+    tok = data.load_tokenizer(run)
+    text = E.chat_prompt(run, tok, "Describe the apple.")
+    assert text == "<s><user>Describe the apple.<assistant>"
+    assert data.prefix_ids(tok, tok.encode(text)).count(tok.bos_id) == 1  # the template's BOS is the row's BOS
+    with pytest.raises(ValueError, match="no chat template"):
+        E.chat_prompt(runs / "pdpo", tok, "Describe the apple.")
+
+
+@pytest.mark.parametrize("flag, message", [(["--user-text", "I like it short."], "trained without user text"),
+                                           (["--chat"], "has no chat template")])
+def test_generate_refuses_what_the_run_cannot_do(runs, capsys, flag, message):
+    with pytest.raises(SystemExit) as exit_info:
+        E.main(["generate", str(runs / "pdpo"), "--user", "user_01", "--prompt", "x", *flag])
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and message in err, err
+
+
+# ----------------------------------------------------------------------------------------------
+# Damaged runs and checkpoints: one line naming the file, exit code 2, nothing written so far lost
+
+
+def damaged_copy(runs, tmp_path, drop=()):
+    run = tmp_path / "run"
+    shutil.copytree(runs / "pdpo", run, ignore=shutil.ignore_patterns("checkpoint", *drop))
+    return run
+
+
+def one_line_error(capsys, main, argv) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and "\n" not in err and err.startswith("error: "), err
+    return err
+
+
+def test_a_run_without_its_user_model_is_one_line(runs, tmp_path, capsys):
+    run = damaged_copy(runs, tmp_path, drop=prlhf.USER_MODEL_FILES)
+    err = one_line_error(capsys, E.main, [str(run), "--data", str(runs / "valid.jsonl")])
+    assert str(run / "user_model.safetensors") in err and "missing" in err
+
+
+def test_a_run_whose_args_json_is_not_json_is_one_line(runs, tmp_path, capsys):
+    run = damaged_copy(runs, tmp_path)
+    (run / "args.json").write_text("{'stage': 'pdpo'}")
+    err = one_line_error(capsys, E.main, [str(run), "--data", str(runs / "valid.jsonl")])
+    assert f"{run / 'args.json'}:1: not valid JSON" in err
+
+
+def test_a_truncated_tokenizer_is_one_line(runs, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(runs / "base", model)
+    text = (model / "tokenizer.json").read_text()
+    (model / "tokenizer.json").write_text(text[:len(text) // 2])
+    err = one_line_error(capsys, T.main, ["--model", str(model), "--data", str(runs / "train.jsonl"),
+                                          "--out", str(tmp_path / "out"), "--quiet"])
+    assert f"{model / 'tokenizer.json'}: not a readable tokenizer.json" in err
+
+
+def test_out_that_is_a_file_is_one_line_and_the_file_is_kept(runs, tmp_path, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("my notes")
+    err = one_line_error(capsys, T.main, ["--model", str(runs / "base"), "--data", str(runs / "train.jsonl"),
+                                          "--out", str(taken), "--quiet"])
+    assert f"--out {taken}: a file is there" in err and taken.read_text() == "my notes"

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import data
+from examples import toy as toy_tasks
 import eval as evaluation
 import export
 import model as lm
@@ -39,7 +40,7 @@ USER_MODEL = {"llama": "individual", "gptj": "cluster"}
 
 def make_base(d, family):
     """The toy BPE and a random checkpoint of `family` in d/base (our save_pretrained, which transformers reads)."""
-    tok = data.train_bpe_tokenizer(data.toy_corpus_texts(0, n_examples=300), 300, out_dir=d / "base")
+    tok = data.train_bpe_tokenizer(toy_tasks.toy_corpus_texts(0, n_examples=300), 300, out_dir=d / "base")
     cfg = lm.ModelConfig(vocab_size=tok.vocab_size, tie_word_embeddings=False, max_position_embeddings=256,
                          bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, **SHAPES[family])
     lm.save_pretrained(redraw_parameters_(lm.build_model(cfg), STD), d / "base")
@@ -59,7 +60,7 @@ def exported(request, tmp_path_factory):
     """(family, our run, the run directory, the export directory) after a short LoRA P-DPO run."""
     family, d = request.param, tmp_path_factory.mktemp(request.param)
     base = make_base(d, family)
-    train_pairs, _ = data.make_toy_task(seed=0, n_users=4, pairs_per_user=4, n_valid_per_user=1, n_unseen_users=1)
+    train_pairs, _ = toy_tasks.make_toy_task(seed=0, n_users=4, pairs_per_user=4, n_valid_per_user=1, n_unseen_users=1)
     data.write_pairs(d / "train.jsonl", train_pairs)
     run_dir = d / "run"
     T.train(T.TrainConfig(stage="pdpo", model=str(base), data=str(d / "train.jsonl"), out=str(run_dir), quiet=True,
@@ -162,6 +163,10 @@ def test_the_page_answers_as_eval_does(exported):
     for pair, mine in zip(pairs, ours):
         assert mine["response_tokens"] >= 3, mine
         assert page_ns["answer"](pair.user, pair.prompt, max_new_tokens=12) == mine["response"], pair.user
+    # ... and `python eval.py generate RUN --user ... --prompt ...` prints the same answers (a known user, e_0)
+    cli = evaluation.answer_as_users(run, run_dir, [p.user for p in pairs], pairs[0].prompt, max_new_tokens=12)
+    assert [a["known"] for a in cli] == [True, False]
+    assert [a["answer"] for a in cli] == [page_ns["answer"](p.user, p.prompt, max_new_tokens=12).strip() for p in pairs]
 
 
 def test_without_user_model_exports_adapters_only(exported, tmp_path):
