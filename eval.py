@@ -411,7 +411,8 @@ def evaluate_runs(run_dirs: list[str], data_file, *, out=None, reference: str | 
     runs.atomic_write_json(results, out / "results.json")
     with open(out / "generations.jsonl", "w") as f:
         f.writelines(json.dumps(g) + "\n" for gens in generations.values() for g in gens)
-    plots = report.write_plots(results, generations, embeddings, report.user_groups(pairs), out)
+    plots = report.write_plots(results, generations, embeddings, report.user_groups(pairs), out,
+                               training={name: report.read_training(path) for name, path in zip(results, paths)})
     (out / "report.md").write_text(report.report_markdown(results, data_file, pairs, notes, plots, settings))
     return results
 
@@ -431,8 +432,54 @@ def evaluate_run(name, path, pairs, data_file, generate: dict, *, reference, dev
     elif generate["pairs"]:
         gens = generate_for_run(run, **generate, desc=None if quiet else f"generating {name}")
     keep = ("user", "group", "status", "prompt", "response", "response_tokens")
-    return (run_results(run.args["stage"], records, gens), [{"run": name, **{k: g[k] for k in keep}} for g in gens],
+    results = run_results(run.args["stage"], records, gens)
+    known = [it for it in tokenize(run, pairs) if run.registry.row(it.user) != 0]
+    results |= {"training": report.training_summary(report.read_training(path)),  # do the users take hold?
+                "attention_to_user": attention_to_user(run, known)}
+    return (results, [{"run": name, **{k: g[k] for k in keep}} for g in gens],
             report.user_vectors(run.user_model, run.registry), notes)
+
+
+def attention_weights(attention: lm.Attention, x: torch.Tensor, cos, sin) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs)) of one causal attention layer on its input x (B, T, d): (B, nh, T, T), the
+    weights SDPA applies without returning them."""
+    cfg, (B, T, _) = attention.cfg, x.shape
+    q = attention.wq(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+    k = attention.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+    q, k = lm.apply_rotary(q, cos, sin, cfg.family), lm.apply_rotary(k, cos, sin, cfg.family)
+    k = k.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)  # (B, nh, T, hs)
+    scores = (q @ k.transpose(-1, -2)).float() / cfg.head_dim ** 0.5  # (B, nh, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
+
+@torch.no_grad()
+def attention_to_user(run: runs.Run, items: list, max_pairs: int = 32) -> list[float] | None:
+    """Per layer, the mean attention mass that the positions predicting a response token put on the T_u user
+    positions, in [BOS] [e_u] [user text] [prompt] [y_w] of up to max_pairs pairs: does the LM look at e_u?
+    Recomputed from each attention layer's inputs (SDPA returns no weights); None without user embedding."""
+    T_u = run.user_model.n_user_tokens if run.user_model is not None else 0
+    if T_u == 0 or not items:
+        return None
+    weights = []
+
+    def record(attention, args, _):  # args: x, cos, sin, mask, cache
+        weights.append(attention_weights(attention, *args[:3]))
+
+    hooks = [m.register_forward_hook(record) for m in run.model.modules() if isinstance(m, lm.Attention)]
+    device, per_pair = run.model.tok_embeddings.weight.device, []
+    try:
+        for it in items[:max_pairs]:
+            prefix = data.prefix_ids(run.tokenizer, it.prompt_ids, it.user_text_ids if run.pdpo.use_user_text else [])
+            weights.clear()
+            prlhf.user_conditioned_hidden(run.model, run.user_model, torch.tensor([prefix + it.chosen_ids], device=device),
+                                          run.registry.rows([it.user]).to(device))
+            start = T_u + len(prefix) - 1  # the position that predicts the first response token
+            per_pair.append([w[0, :, start:-1, 1:1 + T_u].sum(-1).mean().item() for w in weights])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [sum(layer) / len(layer) for layer in zip(*per_pair)]
 
 
 # ----------------------------------------------------------------------------------------------

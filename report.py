@@ -7,6 +7,7 @@ matplotlib is optional: without it the report says the plots were skipped.
 """
 from __future__ import annotations
 
+import json
 from collections import Counter
 from pathlib import Path
 
@@ -76,8 +77,85 @@ def report_markdown(results: dict, data_file, pairs: list[data.Pair], notes: lis
            "Brackets: 95% Wilson score interval. Unseen users (not in the run's training data) get the generic "
            "embedding e_0.", ""]
     out += [f"- {n}" for n in notes] + ([""] if notes else [])
-    out += accuracy_section(results, groups) + length_section(results, groups, settings) + plots_section(plots)
-    return "\n".join(out) + "\n"
+    out += accuracy_section(results, groups) + length_section(results, groups, settings) + users_section(results)
+    return "\n".join(out + plots_section(plots)) + "\n"
+
+
+# ----------------------------------------------------------------------------------------------
+# Do the users take hold? What train.py logs per step (metrics.jsonl) and where the LM looks
+
+
+def read_training(run_dir) -> list[dict]:
+    """The steps of RUN/metrics.jsonl with user diagnostics (train.py writes them for pdpo runs)."""
+    file = Path(run_dir) / "metrics.jsonl"
+    rows = [json.loads(line) for line in file.read_text().splitlines() if line.strip()] if file.is_file() else []
+    return [r for r in rows if "group_accuracy" in r or "offset_norm" in r]
+
+
+def training_summary(rows: list[dict]) -> dict | None:
+    """Per group, the personalized term's training accuracy over each fifth of training, and the norms of e_0
+    and of the offsets e_u - e_0 at the first and the last step. None without diagnostics."""
+    if not rows:
+        return None
+    fifths = [rows[k * len(rows) // 5:(k + 1) * len(rows) // 5] for k in range(5)]
+    groups = sorted({g for r in rows for g in r.get("group_accuracy", {})})
+
+    def mean_in(part, group):
+        values = [r["group_accuracy"][group] for r in part if group in r.get("group_accuracy", {})]
+        return sum(values) / len(values) if values else None
+
+    return {"group_accuracy_by_fifth": {g: [mean_in(part, g) for part in fifths] for g in groups},
+            "norms_first_last": {k: [rows[0][k], rows[-1][k]] for k in ("e0_norm", "offset_norm") if k in rows[0]}}
+
+
+def users_section(results: dict) -> list[str]:
+    fmt = lambda x: "-" if x is None else f"{x:.2f}"  # noqa: E731
+    training = {name: r["training"] for name, r in results.items() if r.get("training")}
+    attention = {name: r["attention_to_user"] for name, r in results.items() if r.get("attention_to_user")}
+    if not training and not attention:
+        return []
+    out = ["## Do the users take hold?", "", "Whether the learned user embeddings separate the users "
+           "(docs/user_embeddings.md): the personalized term's accuracy on each group's own training pairs over "
+           "the fifths of training (metrics.jsonl), the norms of e_0 and of the offsets e_u - e_0 at the first "
+           "and last step, and the attention mass that the positions predicting a response token put on the user "
+           "positions.", ""]
+    if training:
+        rows = [[name, g, *map(fmt, a)] for name, t in training.items() for g, a in t["group_accuracy_by_fifth"].items()]
+        out += [markdown_table(["run", "group", "1st fifth", "2nd", "3rd", "4th", "5th"], rows), ""]
+        rows = [[name, *(" -> ".join(map(fmt, t["norms_first_last"][k])) for k in ("e0_norm", "offset_norm"))]
+                for name, t in training.items() if t["norms_first_last"]]
+        out += [markdown_table(["run", "norm of e_0, first -> last step", "mean norm of e_u - e_0"], rows), ""] if rows else []
+    if attention:
+        layers = max(len(a) for a in attention.values())
+        rows = [[name, *(fmt(a[i]) if i < len(a) else "-" for i in range(layers))] for name, a in attention.items()]
+        out += [markdown_table(["run", *(f"layer {i}" for i in range(layers))], rows), ""]
+    return out
+
+
+def plot_training(plt, training: dict):
+    """Per run: each group's training accuracy (5-step running mean) and the norms of e_0 and the offsets."""
+    drawable = {name: rows for name, rows in training.items() if rows}
+    if not drawable:
+        return None
+    fig, (acc_ax, norm_ax) = plt.subplots(1, 2, figsize=(11, 4))
+    for i, (name, rows) in enumerate(drawable.items()):
+        style = ["-", "--", ":"][i % 3]
+        groups = sorted({g for r in rows for g in r.get("group_accuracy", {})})
+        for k, group in enumerate(groups):
+            steps = [r["step"] for r in rows if group in r.get("group_accuracy", {})]
+            values = [r["group_accuracy"][group] for r in rows if group in r.get("group_accuracy", {})]
+            smooth = [sum(values[max(0, j - 4):j + 1]) / len(values[max(0, j - 4):j + 1]) for j in range(len(values))]
+            acc_ax.plot(steps, smooth, style, color=f"C{k}", label=f"{name}: {group}")
+        for k, key in enumerate(("e0_norm", "offset_norm")):
+            if key in rows[0]:
+                norm_ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, color=f"C{k}",
+                             label=f"{name}: {'e_0' if key == 'e0_norm' else 'mean |e_u - e_0|'}")
+    acc_ax.set(xlabel="step", ylabel="training accuracy of the personalized term", ylim=(0, 1.05))
+    norm_ax.set(xlabel="step", ylabel="norm")
+    for ax in (acc_ax, norm_ax):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
+    return fig
 
 
 def accuracy_section(results: dict, groups: dict) -> list[str]:
@@ -157,15 +235,17 @@ def import_pyplot():
     return plt
 
 
-def write_plots(results: dict, generations: dict, embeddings: dict, groups: dict, out: Path) -> list[str] | None:
-    """accuracy_per_user.png, response_lengths.png, user_embeddings.png (those with something to draw);
-    None without matplotlib."""
+def write_plots(results: dict, generations: dict, embeddings: dict, groups: dict, out: Path,
+                training: dict | None = None) -> list[str] | None:
+    """accuracy_per_user.png, response_lengths.png, user_embeddings.png, training.png (those with something to
+    draw); None without matplotlib. training: each run's read_training rows."""
     plt = import_pyplot()
     if plt is None:
         return None
     figures = {"accuracy_per_user": plot_accuracy_per_user(plt, results, groups),
                "response_lengths": plot_response_lengths(plt, results, generations),
-               "user_embeddings": plot_user_embeddings(plt, embeddings, groups)}
+               "user_embeddings": plot_user_embeddings(plt, embeddings, groups),
+               "training": plot_training(plt, training or {})}
     return [save_figure(plt, fig, out / f"{name}.png") for name, fig in figures.items() if fig is not None]
 
 

@@ -217,14 +217,46 @@ def mean_over(cfg, batch) -> int:
 
 
 def pdpo_batch_loss(cfg, model, user_model, batch, reference):
-    """P-DPO for one batch (prlhf.pdpo_step): its mean loss, accuracy and reward margin."""
+    """P-DPO for one batch (prlhf.pdpo_step): its mean loss, accuracy and reward margin, and each pair's
+    (user, group, ranked right by the personalized term), for the per-user accuracy in metrics.jsonl."""
     out = prlhf.pdpo_step(model, user_model, batch, reference, cfg)
     term = "" if out["accuracies"] is not None else "generic_"  # alpha = 0 trains e_0 alone: report its term
     margin = (out[f"{term}chosen_rewards"] - out[f"{term}rejected_rewards"]).mean()
     metrics = {"accuracy": out[f"{term}accuracies"].mean().item(), "margin": margin.item()}
     if out["nll"] is not None:  # --nll-weight > 0: the NLL term's value, per token of y_w
         metrics["nll"] = out["nll"].mean().item()
+    metrics["pairs"] = list(zip(batch["users"], batch["groups"], out[f"{term}accuracies"].tolist()))
     return out["losses"].mean(), metrics
+
+
+def accuracy_by(pairs: list, key: int) -> dict:
+    """Training accuracy per user (key 0) or group (key 1) over (user, group, correct) of one step."""
+    by = {}
+    for pair in pairs:
+        by.setdefault(str(pair[key]), []).append(pair[2])
+    return {k: sum(v) / len(v) for k, v in sorted(by.items())}
+
+
+@torch.no_grad()
+def user_model_norms(user_model) -> dict:
+    """Whether the users take hold (docs/user_embeddings.md): ||e_0||, the mean ||e_u - e_0|| over known users
+    (the offsets o_u of the individual model), and gradient norms before clipping; a per-user table's
+    gradient is split into row 0 (e_0 or w_0) and the mean over the known users' rows."""
+    if user_model is None or user_model.n_user_tokens == 0:
+        return {}
+    e = user_model(torch.arange(user_model.n_users + 1, device=next(user_model.parameters()).device))
+    e = e.flatten(1).float()  # (N + 1, T_u * d)
+    out = {"e0_norm": e[0].norm().item(), "offset_norm": (e[1:] - e[0]).norm(dim=1).mean().item()}
+    for name, param in user_model.named_parameters():
+        if param.grad is None:
+            continue
+        grad = param.grad.float().reshape(param.shape[0], -1)  # (rows, rest)
+        if param.shape[0] == user_model.n_users + 1:
+            out[f"grad_{name}_row0"] = grad[0].norm().item()
+            out[f"grad_{name}_users"] = grad[1:].norm(dim=1).mean().item()
+        else:
+            out[f"grad_{name}"] = grad.norm().item()
+    return out
 
 
 def prm_batch_loss(cfg, model, user_model, head, batch):
@@ -507,7 +539,7 @@ def train(cfg: TrainConfig) -> dict:
     try:
         while state["step"] < t.total_steps:
             boundary = (dict(state), runs.rng_state())  # weights change only at optimizer.step(): resume from here
-            t0, tokens, logs = time.perf_counter(), 0, []
+            t0, tokens, logs, pairs = time.perf_counter(), 0, [], []
             for g in optimizer.param_groups:
                 g["lr"] = get_lr(state["step"], t.total_steps, cfg.warmup_steps, g["peak_lr"])
             for micro in range(cfg.grad_accum):
@@ -521,6 +553,7 @@ def train(cfg: TrainConfig) -> dict:
                 state["batch"] += 1
                 with t.autocast:
                     loss, metrics = dist.wrapped(t.batch_loss, batch)
+                pairs += metrics.pop("pairs", []) if real else []  # this rank's pairs (rank 0 logs its own)
                 # loss is this rank's mean over its pairs (tokens for SFT); share weighs it so that the ranks'
                 # averaged gradients are the global batch's mean (1 in a single process), and / grad_accum
                 # makes the micro-batches of a step add up to their mean
@@ -532,6 +565,7 @@ def train(cfg: TrainConfig) -> dict:
             if not all(math.isfinite(row["loss"]) for row in logs):
                 raise FloatingPointError(f"non-finite loss at step {state['step']}")
             scaler.unscale_(optimizer)
+            norms = {} if dist.sharded else user_model_norms(t.user_model)  # FSDP: the table is sharded
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(list(t.trainables.values()), cfg.grad_clip)
             scaler.step(optimizer)
@@ -540,7 +574,10 @@ def train(cfg: TrainConfig) -> dict:
             state["step"] += 1
             row = {"step": state["step"], "epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"],
                    **{k: sum(r[k] for r in logs) / len(logs) for k in logs[0]},
-                   "tokens_per_s": tokens / (time.perf_counter() - t0), "elapsed_s": time.perf_counter() - start}
+                   "tokens_per_s": tokens / (time.perf_counter() - t0), "elapsed_s": time.perf_counter() - start,
+                   **norms}
+            if pairs:  # per-user and per-group training accuracy of the personalized term
+                row |= {"user_accuracy": accuracy_by(pairs, 0), "group_accuracy": accuracy_by(pairs, 1)}
             bar.update(1)
             bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "accuracy", "lr", "tokens_per_s") if k in row})
             if cfg.eval_every and state["step"] % cfg.eval_every == 0 and t.valid_items and cfg.stage != "sft":

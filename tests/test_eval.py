@@ -14,6 +14,7 @@ import torch
 
 import data
 import eval as E
+import model as lm
 import prlhf
 import train as T
 from tests.helpers import toy_setup
@@ -532,3 +533,46 @@ def test_out_that_is_a_file_is_one_line_and_the_file_is_kept(runs, tmp_path, cap
     err = one_line_error(capsys, T.main, ["--model", str(runs / "base"), "--data", str(runs / "train.jsonl"),
                                           "--out", str(taken), "--quiet"])
     assert f"--out {taken}: a file is there" in err and taken.read_text() == "my notes"
+
+
+# ----------------------------------------------------------------------------------------------
+# Do the users take hold? The diagnostics in metrics.jsonl and in the report
+
+
+def test_metrics_carry_per_user_accuracy_and_user_model_norms(runs):
+    rows = [json.loads(line) for line in (runs / "pdpo" / "metrics.jsonl").read_text().splitlines()]
+    users = {p.user for p in data.read_pairs(runs / "train.jsonl")}
+    assert all(set(r["user_accuracy"]) <= users and set(r["group_accuracy"]) <= {"long", "short"} for r in rows)
+    assert all(0 <= a <= 1 for r in rows for a in [*r["user_accuracy"].values(), *r["group_accuracy"].values()])
+    assert {"e0_norm", "offset_norm", "grad_embeddings_row0", "grad_embeddings_users"} <= set(rows[0])
+    user_model, registry = prlhf.load_user_model(runs / "pdpo")
+    e = user_model(torch.arange(len(registry))).flatten(1)
+    assert rows[-1]["e0_norm"] != rows[0]["e0_norm"]
+    assert abs(rows[-1]["offset_norm"] - (e[1:] - e[0]).norm(dim=1).mean().item()) < 0.05  # one optimizer step apart
+
+
+def test_attention_weights_are_the_ones_sdpa_applies(runs):
+    run = E.open_run(runs / "pdpo", torch.float32, "cpu")
+    attention = run.model.layers[0].attention
+    x = torch.randn(2, 7, run.model.config.hidden_size)
+    cos, sin = lm.rope_cos_sin(torch.arange(7)[None].expand(2, 7), lm.rope_inv_freq(run.model.config), x.dtype)
+    w = E.attention_weights(attention, x, cos, sin)  # (B, nh, T, T)
+    cfg = run.model.config
+    v = attention.wv(x).view(2, 7, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
+    v = v.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)  # (B, nh, T, hs)
+    ours = attention.wo((w @ v).transpose(1, 2).reshape(2, 7, -1))
+    assert torch.allclose(ours, attention(x, cos, sin, None, None), atol=1e-5)
+    assert torch.allclose(w.sum(-1), torch.ones(2, cfg.n_heads, 7)) and (w.triu(1) == 0).all()
+
+
+def test_the_report_says_whether_the_users_take_hold(runs, tmp_path):
+    results = E.evaluate_runs([runs / "pdpo", runs / "dpo"], runs / "valid.jsonl", out=tmp_path, samples_per_user=0,
+                              quiet=True)
+    training = results["pdpo"]["training"]
+    assert set(training["group_accuracy_by_fifth"]) == {"long", "short"}
+    assert len(training["norms_first_last"]["offset_norm"]) == 2
+    layers = results["pdpo"]["attention_to_user"]
+    assert len(layers) == 2 and all(0 < a < 1 for a in layers)
+    assert results["dpo"]["attention_to_user"] is None  # vanilla DPO has no user embedding
+    md = (tmp_path / "report.md").read_text()
+    assert "## Do the users take hold?" in md and "| pdpo | short |" in md
