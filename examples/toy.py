@@ -8,7 +8,7 @@
     python -m examples.toy --out DIR --new-user NAME    # a new short-preferring user's pairs
 
 Reading order: the tasks' words and answers, the tasks, their tokenizer corpus, a new user for `adapt --curve`,
-the command line.
+a run's answers sorted into the kinds, the command line.
 """
 from __future__ import annotations
 
@@ -17,26 +17,29 @@ import dataclasses
 import random
 import re
 import sys
+from pathlib import Path
 
 import data
+import eval as evaluation
+import runs
 from data import Pair
 
 # ----------------------------------------------------------------------------------------------------
 # The tasks: conflicting length preferences, and three styles
 # ----------------------------------------------------------------------------------------------------
 
-_NOUNS = """apple river stone cloud garden bread forest candle mountain window ocean bridge lantern pencil
+NOUNS = """apple river stone cloud garden bread forest candle mountain window ocean bridge lantern pencil
 rabbit violin desert castle meadow harbor island market needle orchard piano planet pocket rocket saddle
 shadow tunnel valley wagon kitten ladder mirror basket blanket button cabin camera canyon carpet cherry
 compass cookie cotton dragon engine feather fountain glacier guitar hammer helmet honey insect jacket
 jungle kettle lemon magnet marble melon muffin museum napkin noodle orange paddle parrot pebble pepper
 pillow pirate puzzle quilt radio ribbon robot salad scooter spider spoon statue sugar teapot ticket
 tomato towel tractor trumpet turtle umbrella village walnut whistle wizard zebra""".split()
-_ADJECTIVES = """bright calm quiet gentle heavy ancient modern tiny huge warm cold soft rough smooth sharp
+ADJECTIVES = """bright calm quiet gentle heavy ancient modern tiny huge warm cold soft rough smooth sharp
 golden green purple noisy silent happy clever brave lazy busy famous simple strange useful lovely shiny
 dusty sweet bitter fresh humble proud rare wild tidy fancy plain spicy sleepy curious""".split()
 
-_PROMPTS = (
+PROMPTS = (
     "Tell me about the {x}.",
     "What is the {x} like?",
     "Describe the {x}.",
@@ -64,8 +67,8 @@ TOY_KINDS = {"length": {"short": _SHORT, "long": _LONG}, "style": _STYLES}  # ta
 
 def _toy_example(rng: random.Random, task: str = "length") -> tuple[str, dict[str, str]]:
     """(prompt, {answer kind: response}) about a random topic."""
-    x, a = rng.choice(_NOUNS), rng.choice(_ADJECTIVES)
-    prompt = rng.choice(_PROMPTS).format(x=x)
+    x, a = rng.choice(NOUNS), rng.choice(ADJECTIVES)
+    prompt = rng.choice(PROMPTS).format(x=x)
     return prompt, {kind: template.format(x=x, a=a) for kind, template in TOY_KINDS[task].items()}
 
 
@@ -76,7 +79,7 @@ def toy_answer_kind(task: str, topic: str, response: str) -> str | None:
         pattern = re.escape(template).replace(re.escape("{x}"), re.escape(topic))
         pattern = pattern.replace(re.escape("{a}"), r"(?P<a>\w+)", 1).replace(re.escape("{a}"), r"(?P=a)")
         match = re.fullmatch(pattern, response.strip())
-        if match and match["a"] in _ADJECTIVES:
+        if match and match["a"] in ADJECTIVES:
             return kind
     return None
 
@@ -139,7 +142,7 @@ def make_toy_task(
     return train, valid
 
 
-def _assign_shares(names: list[str], shares: dict[str, float], rng: random.Random) -> dict[str, str]:
+def assign_shares(names: list[str], shares: dict[str, float], rng: random.Random) -> dict[str, str]:
     """Users in random order, then round(share * n) of them per kind in the order given (the last
     kind takes the rest)."""
     order, out, start = rng.sample(names, len(names)), {}, 0
@@ -170,8 +173,8 @@ def make_style_task(
     with unseen users new_01.. (group "unseen") in the same proportions.
     """
     rng = random.Random(seed)
-    known = _assign_shares([f"user_{i:02d}" for i in range(1, n_users + 1)], shares, rng)
-    unseen = _assign_shares([f"new_{i:02d}" for i in range(1, n_unseen_users + 1)], shares, rng)
+    known = assign_shares([f"user_{i:02d}" for i in range(1, n_users + 1)], shares, rng)
+    unseen = assign_shares([f"new_{i:02d}" for i in range(1, n_unseen_users + 1)], shares, rng)
     train = _toy_pairs(rng, known, pairs_per_user, group=None, task="style")
     valid = _toy_pairs(rng, known, n_valid_per_user, group=None, task="style")
     valid += _toy_pairs(rng, unseen, n_valid_per_user, group="unseen", task="style")
@@ -185,7 +188,7 @@ def toy_corpus_texts(seed: int = 0, n_examples: int = 2000, task: str = "length"
     """Prompts and answers written like the toy task's (with leading spaces), plus every word once,
     to train the toy BPE tokenizer."""
     rng = random.Random(seed)
-    texts = [" " + " ".join(_NOUNS + _ADJECTIVES)]
+    texts = [" " + " ".join(NOUNS + ADJECTIVES)]
     for _ in range(n_examples):
         prompt, answers = _toy_example(rng, task)
         texts.extend(" " + text for text in (prompt, *answers.values()))
@@ -199,6 +202,33 @@ def toy_user_pairs(name: str, n_train: int, n_held_out: int, seed: int) -> tuple
                                        n_valid_per_user=n_held_out, n_unseen_users=0)
     rename = lambda ps: [dataclasses.replace(p, user=name, group="short") for p in ps]  # noqa: E731
     return rename(fit), rename(held_out)
+
+
+# ----------------------------------------------------------------------------------------------------
+# A run's answers, sorted into the task's kinds (the demo's table, bench/task_family.py)
+# ----------------------------------------------------------------------------------------------------
+
+
+def preferred_answers(run_dir: Path, valid_pairs: list, kind_of, quiet: bool = True, max_new_tokens: int = 40) -> dict:
+    """Accuracy per group (RUN/eval.json), and the greedy answer to every held-out prompt as its pair's user,
+    sorted by kind_of(pair, answer) into a group's kind or "broken": "answers as preferred" is the share of
+    known users' answers of their own group's kind; "clean" the share of all answers of some kind."""
+    run = runs.load_run(run_dir)
+    items, _ = data.tokenize_pairs(valid_pairs, run.tokenizer, 96, 32)
+    gens = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items,
+                                         max_new_tokens=max_new_tokens,
+                                         desc=None if quiet else f"generating ({run_dir.name})")
+    for g, item in zip(gens, items):
+        g["kind"] = kind_of(valid_pairs[item.index], g["response"]) or "broken"
+        g["as_preferred"] = None if g["group"] == "unseen" else g["kind"] == g["group"]
+
+    def as_preferred(answers):  # known users' answers of their own kind
+        known = [g["as_preferred"] for g in answers if g["as_preferred"] is not None]
+        return {"answers_as_preferred": sum(known) / len(known) if known else None}
+
+    groups = evaluation.answers_by_group(run_dir, gens, as_preferred)
+    clean = sum(g["kind"] != "broken" for g in gens)
+    return {"groups": groups, "clean_answers": clean / len(gens), "answers": len(gens)}
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,191 @@
+"""P-DPO over a family of random preference tasks (examples/family.py): does it serve every group, on most members?
+
+    python bench/task_family.py                                  # tasks 0-5, seed 0
+    python bench/task_family.py --tasks 0,1 --seeds 0,1
+    python bench/task_family.py --tasks issue --pdpo user_init_range=0.5 --tag r05   # a candidate P-DPO setting
+    python bench/task_family.py --tasks 3 --probe                 # + user-embedding diagnostics (norms, grads, attention)
+
+For each member x seed, as examples/demo.py does: a byte-level BPE on the member's corpus, a tiny LLaMA
+(model.TINY_LLAMA unless --hidden/--layers), SFT on both responses, then vanilla DPO and the demo's P-DPO arm
+(individual, alpha 0.5; T_u and the rest from the recipe) from that SFT model, all `python train.py --recipe tiny`. Per group: held-out accuracy of the implicit reward, answers as preferred
+(share of known users' greedy answers of their group's kind) and clean answers (any kind). A member x seed is
+"eligible" where vanilla DPO leaves a minority group at <= 0.6 accuracy (personalization is needed there), and a
+success where P-DPO then reaches >= 0.85 accuracy and >= 0.85 answers as preferred on every known group.
+Runs are kept in --workdir (default bench/results/task_family-runs, git-ignored) and reused: an arm with a new
+--tag retrains P-DPO only. Figures go to bench/results/task_family-<tag>.json; the last line is one JSON object.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+import common as C  # noqa: F401  (puts the project root on sys.path)
+
+import data  # noqa: E402
+import eval as evaluation  # noqa: E402
+import model as lm  # noqa: E402
+import prlhf  # noqa: E402
+import report  # noqa: E402
+import runs  # noqa: E402
+from examples import family as F  # noqa: E402
+from examples.toy import preferred_answers  # noqa: E402
+
+ISSUE_TASK = "issue"  # --tasks issue: make_task(0, **family.ISSUE_26)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="0,1,2,3,4,5", help="comma-separated member seeds, 'issue', 'toy-length', 'toy-style'")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--hidden", type=int, default=lm.TINY_LLAMA["hidden_size"], help="model width d")
+    p.add_argument("--layers", type=int, default=lm.TINY_LLAMA["n_layers"], help="transformer blocks")
+    p.add_argument("--pdpo", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="P-DPO TrainConfig fields over the recipe (e.g. user_init_range=0.5)")
+    p.add_argument("--tag", default="base", help="name of this P-DPO arm (its run directory and JSON file)")
+    p.add_argument("--probe", action="store_true", help="record user-embedding diagnostics during P-DPO")
+    p.add_argument("--workdir", default=str(C.ROOT / "bench" / "results" / "task_family-runs"))
+    p.add_argument("--accuracy", type=float, default=0.85)
+    p.add_argument("--preferred", type=float, default=0.85)
+    p.add_argument("--dpo-fails", type=float, default=0.6, help="eligible: vanilla DPO at or below this on a minority")
+    return p.parse_args(argv)
+
+
+def member(name: str) -> F.Task:
+    """A member seed, "issue" (issue #26's task), or "toy-length" / "toy-style" (the demo's tasks, family.from_toy)."""
+    if name.startswith("toy-"):
+        return F.from_toy(name[len("toy-"):])
+    return F.make_task(0, **F.ISSUE_26) if name == ISSUE_TASK else F.make_task(int(name))
+
+
+def field_value(text: str):
+    """--pdpo FIELD=VALUE: a number, true / false, or text, as train.py's flag --FIELD takes it."""
+    key, value = text.split("=", 1)
+    if value.lower() in ("true", "false"):
+        return key, value.lower() == "true"
+    for kind in (int, float):
+        try:
+            return key, kind(value)
+        except ValueError:
+            pass
+    return key, value
+
+
+def results(run_dir: Path, task: F.Task) -> dict:
+    """As the demo's table: accuracy per group, greedy answers sorted into the member's kinds (task.classify)."""
+    r = preferred_answers(run_dir, task.valid, lambda pair, answer: task.classify(task.topic(pair.chosen), answer),
+                          max_new_tokens=48)
+    groups = {g: {k: v[k] for k in ("accuracy", "pairs", "answers_as_preferred")} for g, v in r["groups"].items()}
+    users = json.loads((run_dir / "eval.json").read_text())["users"]
+    return {"groups": groups, "users": {u: s["accuracy"] for u, s in users.items()}, "clean_answers": r["clean_answers"]}
+
+
+# ----------------------------------------------------------------------------------------------
+# Do the users take hold? (--probe): what train.py logs in metrics.jsonl, and where the LM looks
+
+
+def probe(run_dir: Path, task: F.Task) -> dict:
+    """Per-group training accuracy by fifth of training and the norms (report.training_summary), and the
+    attention from response positions to the user positions (eval.attention_to_user), known users' pairs."""
+    run = runs.load_run(run_dir)
+    items, _ = data.tokenize_pairs([p for p in task.valid if p.group != "unseen"], run.tokenizer, 96, 32)
+    return {**report.training_summary(report.read_training(run_dir)),
+            "attention_to_user": evaluation.attention_to_user(run, items)}
+
+
+# ----------------------------------------------------------------------------------------------
+# One member x seed: SFT and DPO once (reused by every --tag), P-DPO per tag
+
+
+def run_one(name: str, seed: int, args, pdpo_fields: dict) -> dict:
+    task = member(name)
+    root = Path(args.workdir) / f"task{name}-seed{seed}-d{args.hidden}l{args.layers}"
+    data_dir, base = root / "data", root / "base"
+    data.write_pairs(data_dir / "train.jsonl", task.train)
+    data.write_pairs(data_dir / "valid.jsonl", task.valid)
+    times = {}
+    if not (base / "config.json").is_file():
+        tokenizer = data.train_bpe_tokenizer(task.corpus_texts(), 768, out_dir=base)
+        cfg = lm.ModelConfig(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
+                             eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
+                             **{**lm.TINY_LLAMA, "hidden_size": args.hidden, "n_layers": args.layers,
+                                "head_dim": args.hidden // lm.TINY_LLAMA["n_heads"], "intermediate_size": 2 * args.hidden})
+        lm.save_pretrained(lm.build_model(cfg, seed=seed), base)
+    common = dict(data=str(data_dir / "train.jsonl"), seed=seed, quiet=True, max_length=96, max_prompt_length=32,
+                  recipe="tiny")
+    preference = dict(stage="pdpo", model=str(root / "sft"), valid=str(data_dir / "valid.jsonl"), **common)
+    arms = {"sft": dict(stage="sft", model=str(base), sft_on="both", **common),
+            "dpo": dict(**prlhf.VANILLA_DPO, **preference),
+            f"pdpo-{args.tag}": {**dict(user_model="individual", alpha=0.5, **preference),  # the demo's arm
+                                 **pdpo_fields}}  # --pdpo may override T_u and alpha too
+    for arm, fields in arms.items():
+        done = root / arm / ("eval.json" if arm != "sft" else "config.json")
+        if done.is_file():
+            continue
+        t0 = time.perf_counter()
+        C.run_train_script(out=str(root / arm), **fields)  # python train.py --recipe tiny ...
+        times[arm] = round(time.perf_counter() - t0, 1)
+    out = {"task": name, "seed": seed, "summary": task.summary(), "times": times,
+           "dpo": results(root / "dpo", task), "pdpo": results(root / f"pdpo-{args.tag}", task)}
+    if args.probe:
+        out["probe"] = probe(root / f"pdpo-{args.tag}", task)
+    return out
+
+
+def check(r: dict, task: F.Task, args) -> dict:
+    dpo, pdpo = r["dpo"]["groups"], r["pdpo"]["groups"]
+    largest = max(task.shares, key=task.shares.get)
+    minorities = [g for g in task.kinds if g != largest]
+    eligible = any(dpo[g]["accuracy"] <= args.dpo_fails for g in minorities)
+    ok = all(pdpo[g]["accuracy"] >= args.accuracy and (pdpo[g]["answers_as_preferred"] or 0) >= args.preferred
+             for g in task.kinds)
+    return {"eligible": eligible, "success": ok}
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(1)
+    pdpo_fields = dict(field_value(f) for f in args.pdpo)
+    rows, records = [], []
+    t0 = time.perf_counter()
+    for name in args.tasks.split(","):
+        task = member(name)
+        for seed in (int(s) for s in args.seeds.split(",")):
+            r = run_one(name, seed, args, pdpo_fields)
+            r.update(check(r, task, args))
+            records.append(r)
+            print(f"task {name} seed {seed}: {r['summary']}; {task.n_users} users x {task.pairs_per_user} pairs; "
+                  f"{'eligible' if r['eligible'] else 'not eligible'}, {'SUCCESS' if r['success'] else 'failure'} "
+                  f"{r['times']}", flush=True)
+            for g in task.kinds:
+                d, p = r["dpo"]["groups"][g], r["pdpo"]["groups"][g]
+                rows.append([name, seed, g, f"{task.shares[g]:.2f}", f"{d['accuracy']:.3f}", f"{p['accuracy']:.3f}",
+                             f"{d['answers_as_preferred']:.3f}", f"{p['answers_as_preferred']:.3f}",
+                             f"{r['dpo']['clean_answers']:.3f}", f"{r['pdpo']['clean_answers']:.3f}"])
+            if "probe" in r:
+                print("  probe:", json.dumps(r["probe"]), flush=True)
+    C.print_table(["task", "seed", "group", "share", "acc DPO", "acc P-DPO", "as pref DPO", "as pref P-DPO",
+                   "clean DPO", "clean P-DPO"], rows, title=f"P-DPO arm {args.tag} {pdpo_fields or '(recipe tiny)'}")
+    eligible = [r for r in records if r["eligible"]]
+    successes = [r for r in eligible if r["success"]]
+    print(f"success: {len(successes)} of {len(eligible)} eligible member x seed runs ({len(records)} in all); "
+          f"failures: {[(r['task'], r['seed']) for r in eligible if not r['success']]}; "
+          f"{time.perf_counter() - t0:.0f} s")
+    figures = {"tag": args.tag, "pdpo_fields": pdpo_fields, "hidden": args.hidden, "layers": args.layers,
+               "eligible": len(eligible), "successes": len(successes), "runs": records}
+    out = C.ROOT / "bench" / "results" / f"task_family-{args.tag}.json"
+    existing = json.loads(out.read_text())["runs"] if out.is_file() else []
+    keep = [r for r in existing if (r["task"], r["seed"]) not in {(x["task"], x["seed"]) for x in records}]
+    merged = keep + records  # this tag's runs of earlier invocations too
+    out.write_text(json.dumps({**figures, "eligible": sum(r["eligible"] for r in merged),
+                               "successes": sum(r["eligible"] and r["success"] for r in merged),
+                               "runs": merged}, indent=1) + "\n")
+    C.emit_json({k: v for k, v in figures.items() if k != "runs"})
+    return figures
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""examples/family.py: random preference tasks are deterministic, have the shares they say, classify their own
+answers, and hold the demo's two toy tasks."""
+import random
+from collections import Counter
+
+import pytest
+
+from examples import family as F
+from examples import toy
+
+SEEDS = range(12)
+
+
+def test_a_member_is_deterministic_in_its_seed():
+    a, b, c = F.make_task(5), F.make_task(5), F.make_task(6)
+    assert a.train == b.train and a.valid == b.valid and a.kinds == b.kinds
+    assert a.kinds != c.kinds or a.train != c.train
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_group_shares_and_splits(seed):
+    task = F.make_task(seed)
+    assert 2 <= len(task.kinds) <= 4 and abs(sum(task.shares.values()) - 1) < 1e-9
+    assert 0.15 <= min(task.shares.values()) <= 0.30 + 1e-9
+    users = Counter(task.users.values())
+    for group, share in task.shares.items():
+        assert users[group] >= 2, (group, users)
+        assert abs(users[group] - share * task.n_users) <= 1, (group, users, share)
+    assert len(task.train) == task.n_users * task.pairs_per_user
+    assert {p.group for p in task.valid} == set(task.kinds) | {"unseen"}
+    unseen = {p.user for p in task.valid if p.group == "unseen"}
+    assert len(unseen) == task.n_unseen_users and not unseen & {p.user for p in task.train}
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_every_answer_is_classified_as_its_kind(seed):
+    task = F.make_task(seed)
+    for p in task.train[::7] + task.valid[::7]:
+        topic = task.topic(p.chosen)
+        preferred = task.users.get(p.user)
+        if preferred is not None:
+            assert task.classify(topic, p.chosen) == preferred == p.group
+        assert task.classify(topic, p.rejected) not in (None, task.classify(topic, p.chosen))
+        words = p.chosen.split()
+        assert task.classify(topic, " ".join(words[:-1])) is None  # a cut answer is broken
+        assert task.classify(topic, p.chosen.replace(f" {topic} ", " zebra-x ")) is None  # another topic
+    rng = random.Random(seed)
+    for _ in range(50):  # every kind, not only those that pairs happen to contain
+        _, answers = task.answers(rng)
+        x = task.topic(next(iter(answers.values())))
+        assert {g: task.classify(x, a) for g, a in answers.items()} == {g: g for g in answers}
+
+
+def test_the_toys_are_members():
+    style = F.from_toy("style", seed=3)
+    train, valid = toy.make_style_task(seed=3)
+    assert style.train == train and style.valid == valid  # the same pairs, rng draw for draw
+    length = F.from_toy("length", seed=0)
+    train, valid = toy.make_toy_task(seed=0)
+    assert Counter(p.group for p in length.train) == Counter(p.group for p in train)
+    for name, pairs in (("length", train + valid), ("style", toy.make_style_task(seed=0)[0])):
+        member = F.from_toy(name)
+        for p in pairs[::5]:
+            topic = toy.toy_topic(p.chosen)
+            assert member.classify(topic, p.chosen) == toy.toy_answer_kind(name, topic, p.chosen)
+            assert member.classify(topic, p.rejected) == toy.toy_answer_kind(name, topic, p.rejected)
+    assert F.from_toy("length").classify("kettle", " The kettle is warm. There is") is None
+
+
+def test_the_issue_task_is_a_member():
+    task = F.make_task(0, **F.ISSUE_26)
+    assert task.shares == {"A-long": 0.5, "B-long": 0.3, "plain-short": 0.2} and task.n_users == 20
+    assert Counter(task.users.values()) == {"A-long": 10, "B-long": 6, "plain-short": 4}
+    with pytest.raises(ValueError, match="unknown overrides"):
+        F.make_task(0, n_group=3)
