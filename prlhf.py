@@ -572,6 +572,11 @@ class PDPOConfig:
                             choices=["vocab", "uniform"])
     user_init_range: float = option(0.5, "r of --user-init uniform")
     alpha: float = option(0.5, "alpha, weight of the personalized term (1 - alpha: generic e_0)")
+    generic_delay: float = option(0.0, "beyond the paper: for this fraction of training alpha = 1 (the personalized "
+                                  "term alone), then --alpha. The generic term asks one e_0 to rank every user's "
+                                  "pairs, so it settles on the majority and, through e_u = e_0 + o_u and the shared "
+                                  "LM, pulls every user there before their own embeddings take hold "
+                                  "(docs/user_embeddings.md); 0 = the paper's loss from the start")
     beta: float = option(0.5, "beta, strength of the KL tie to the reference model (IPO: tau)")
     loss: str = option("dpo", "P-*PO family member: DPO, conservative DPO, IPO", choices=list(LOSS_TYPES))
     label_smoothing: float = option(0.1, "epsilon of conservative DPO (--loss cdpo only)")
@@ -594,6 +599,8 @@ class PDPOConfig:
                              f"T_u must be >= 0 and K >= 1")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"--alpha {self.alpha}: the weight of the personalized term must lie in [0, 1]")
+        if not 0 <= self.generic_delay < 1:
+            raise ValueError(f"--generic-delay {self.generic_delay}: a fraction of training in [0, 1)")
         if not (self.beta > 0 and math.isfinite(self.beta)):
             raise ValueError(f"--beta {self.beta}: must be a positive number")
         if not (self.nll_weight >= 0 and math.isfinite(self.nll_weight)):
@@ -620,6 +627,10 @@ class PDPOConfig:
     def use_user_text(self) -> bool:
         """Whether the policy's rows carry the user's text: [BOS] [e_u] [user text] [prompt] ..."""
         return self.user_info != "implicit"
+
+    def alpha_at(self, progress: float) -> float:
+        """alpha at `progress` (0 to 1) through training: 1 for the first generic_delay of it, then alpha."""
+        return 1.0 if progress < self.generic_delay else self.alpha
 
     def personalized(self) -> "PDPOConfig":
         """The personalized term alone (alpha = 1): how pairs are scored, and how a new user is fitted."""

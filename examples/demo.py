@@ -13,11 +13,10 @@ from pathlib import Path
 import torch
 
 import data
-import eval as evaluation
 import model as lm
 import prlhf
 import runs
-from examples.toy import TOY_TASKS, toy_answer_kind, toy_corpus_texts, toy_topic
+from examples.toy import TOY_TASKS, preferred_answers, toy_answer_kind, toy_corpus_texts, toy_topic
 from train import TrainConfig, train
 
 
@@ -56,8 +55,7 @@ def demo(seed: int = DEMO["seed"], out: str = DEMO["out"], quiet: bool = False, 
     train(TrainConfig.from_recipe(stage="sft", model=str(base), out=str(out / "sft"), sft_on="both", **common))
     preference = dict(stage="pdpo", model=str(out / "sft"), valid=str(data_dir / "valid.jsonl"), **common)
     train(TrainConfig.from_recipe(out=str(out / "dpo"), **prlhf.VANILLA_DPO, **preference))
-    train(TrainConfig.from_recipe(out=str(out / "pdpo"), user_model="individual", n_user_tokens=1, alpha=0.5,
-                                  **preference))
+    train(TrainConfig.from_recipe(out=str(out / "pdpo"), user_model="individual", alpha=0.5, **preference))
     results = {method: demo_results(out / method, valid_pairs, task, quiet) for method in ("dpo", "pdpo")}
     runs.atomic_write_json(results, out / "results.json")
     print_demo_table(results)
@@ -71,25 +69,9 @@ def demo(seed: int = DEMO["seed"], out: str = DEMO["out"], quiet: bool = False, 
 
 
 def demo_results(run_dir: Path, valid_pairs: list, task: str, quiet: bool) -> dict:
-    """Accuracy per group (eval.json), and the greedy answers to every held-out prompt, each sorted
-    into a kind of the task's answers (toy_answer_kind) or "broken": "answers as preferred" is the
-    share of known users' answers of their own kind; "clean" the share of all answers of some kind."""
-    run = runs.load_run(run_dir)
-    items, _ = data.tokenize_pairs(valid_pairs, run.tokenizer, 96, 32)
-    gens = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items,
-                                         max_new_tokens=40, desc=None if quiet else f"generating ({run_dir.name})")
-    for g, item in zip(gens, items):
-        topic = toy_topic(valid_pairs[item.index].chosen)
-        g["kind"] = toy_answer_kind(task, topic, g["response"]) or "broken"
-        g["as_preferred"] = None if g["group"] == "unseen" else g["kind"] == g["group"]
-
-    def as_preferred(answers):  # known users' answers of their own kind
-        known = [g["as_preferred"] for g in answers if g["as_preferred"] is not None]
-        return {"answers_as_preferred": sum(known) / len(known) if known else None}
-
-    groups = evaluation.answers_by_group(run_dir, gens, as_preferred)
-    clean = sum(g["kind"] != "broken" for g in gens)
-    return {"groups": groups, "clean_answers": clean / len(gens), "answers": len(gens)}
+    """toy.preferred_answers with the toy task's answer kinds (toy_answer_kind)."""
+    return preferred_answers(run_dir, valid_pairs, lambda pair, answer: toy_answer_kind(task, toy_topic(pair.chosen),
+                                                                                        answer), quiet=quiet)
 
 
 def print_demo_table(results: dict):

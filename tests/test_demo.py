@@ -28,7 +28,8 @@ def test_demo_reproduces_the_papers_finding(length_demo):
     assert pdpo["long"]["mean_response_tokens"] >= 1.5 * pdpo["short"]["mean_response_tokens"]
     assert pdpo["long"]["answers_as_preferred"] >= 0.9 and pdpo["short"]["answers_as_preferred"] >= 0.9
     assert results["pdpo"]["clean_answers"] >= 0.95 and results["pdpo"]["answers"] == 280
-    assert dpo["short"]["answers_as_preferred"] >= 0.9 and dpo["long"]["answers_as_preferred"] <= 0.1  # all short
+    # vanilla DPO answers everyone alike, so it cannot answer both groups as they prefer
+    assert min(dpo["short"]["answers_as_preferred"], dpo["long"]["answers_as_preferred"]) <= 0.6
     gens = [json.loads(line) for line in (tmp_path / "demo" / "pdpo" / "generations.jsonl").read_text().splitlines()]
     assert {g["kind"] for g in gens} <= {"long", "short", "broken"} and len(gens) == 280
     for name in ("sft", "dpo", "pdpo"):
@@ -65,7 +66,8 @@ def test_the_tiny_recipe_serves_three_style_groups(tmp_path):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--recipe", "tiny"], dict(beta=2.0, lr=7e-4, epochs=2.5, nll_weight=1.0, user_init="uniform")),
+    (["--recipe", "tiny"], dict(beta=2.0, lr=7e-4, epochs=5.0, nll_weight=1.0, user_init="uniform", n_user_tokens=4,
+                                generic_delay=0.8)),
     (["--recipe", "tiny", "--lr", "0.02", "--nll-weight", "0"], dict(beta=2.0, lr=0.02, nll_weight=0.0)),
     (["--recipe", "tiny", "--stage", "sft"], dict(lr=3e-3, epochs=10.0, batch_size=16, nll_weight=0.0)),
     ([], dict(beta=0.5, lr=5e-5, nll_weight=0.0, user_init="vocab")),  # the paper's defaults stay the defaults

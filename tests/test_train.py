@@ -236,3 +236,16 @@ def test_precision_auto_is_bf16_only_where_bf16_is_native(toy, tmp_path, monkeyp
     assert [runs.pick_precision(p, "cpu") for p in ("fp32", "bf16")] == ["fp32", "bf16"]
     T.train(config(toy, tmp_path / "run", precision="auto", max_steps=1))
     assert json.loads((tmp_path / "run" / "args.json").read_text())["precision"] == want
+
+
+def test_generic_delay_trains_the_personalized_term_alone_first(toy, tmp_path):
+    """--generic-delay 0.5 over 4 steps (beyond the paper): alpha = 1 at steps 0 and 1, so eq. (pdpo)'s generic
+    term is off, then the paper's alpha; the alpha each step used is in metrics.jsonl."""
+    cfg = config(toy, tmp_path / "run", alpha=0.5, generic_delay=0.5, max_steps=4)
+    assert [cfg.alpha_at(step / 4) for step in range(4)] == [1.0, 1.0, 0.5, 0.5]
+    T.train(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["alpha"] for r in rows] == [1.0, 1.0, 0.5, 0.5]
+    assert [config(toy, tmp_path / "p").alpha_at(p) for p in (0.0, 0.9)] == [0.5, 0.5]  # off by default
+    with pytest.raises(ValueError, match="--generic-delay 1.0"):
+        config(toy, tmp_path / "x", generic_delay=1.0)
