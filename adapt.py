@@ -22,7 +22,6 @@ import prlhf
 import runs
 from eval import (accuracy_table, check_run_dir, common_flags, load_reference, online_reference, open_run,
                   pair_collate, read_data, score_pairs, tokenize)
-from examples.toy import toy_user_pairs
 from cache import reference_cache
 from report import error_bars, import_pyplot, save_figure, user_vectors
 
@@ -180,7 +179,8 @@ def adapt_curve(run_dir, name: str, data_file=None, *, reference: str | None = N
         pairs = user_pairs(read_data(data_file), name, data_file)
         n_held = max(1, len(pairs) // 4)
         fit_pairs, held_pairs = pairs[:-n_held], pairs[-n_held:]
-    else:
+    else:  # the built-in toy task's new user: the one place adapt.py reaches into examples/
+        from examples.toy import toy_user_pairs
         fit_pairs, held_pairs = toy_user_pairs(name, max(CURVE_SIZES), held_out, seed=1000 + seed)
     run = open_run(run_dir, torch.float32, device)
     reference_model = load_reference(run_dir, run, reference, torch.float32, device)

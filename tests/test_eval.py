@@ -19,6 +19,7 @@ import prlhf
 import train as T
 from tests.helpers import toy_setup
 import adapt as A
+from examples import toy as toy_tasks
 import report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -259,7 +260,7 @@ def test_adaptation_beats_the_generic_embedding_on_held_out_pairs(runs):
     """A fresh toy user who prefers the minority's short answers: e_0 serves them badly, their own row well."""
     run = E.open_run(runs / "pdpo", torch.float32, "cpu")
     reference = E.load_reference(runs / "pdpo", run, None, torch.float32, "cpu")
-    fit, held_out = A.toy_user_pairs("newcomer", 16, 40, seed=1000)
+    fit, held_out = toy_tasks.toy_user_pairs("newcomer", 16, 40, seed=1000)
     curve = A.adaptation_curve(run, reference, fit, held_out, "newcomer", device="cpu", sizes=(4, 16), steps=16,
                                quiet=True)
     assert [p["fit_pairs"] for p in curve] == [0, 4, 16] and {p["pairs"] for p in curve} == {40}
@@ -272,7 +273,7 @@ def test_adapt_saves_a_new_row_and_serves_the_user_as_known(runs, tmp_path, caps
     run_dir = tmp_path / "run"
     shutil.copytree(runs / "pdpo", run_dir, ignore=shutil.ignore_patterns("checkpoint"))
     before, weights = prlhf.load_user_model(run_dir), sha(run_dir / "model.safetensors")
-    fit, held_out = A.toy_user_pairs("newcomer", 16, 12, seed=2000)
+    fit, held_out = toy_tasks.toy_user_pairs("newcomer", 16, 12, seed=2000)
     E.main(["adapt", str(run_dir), "--user", "newcomer", "--data", str(write(tmp_path / "fit.jsonl", fit)),
             "--steps", "16", "--quiet"])
     assert "newcomer is now a known user" in capsys.readouterr().out
@@ -311,7 +312,7 @@ def test_new_row_starts_at_e0_and_only_it_moves(runs, kind):
         e = user_model(torch.tensor([0, row]))  # (2, T_u, d)
         assert torch.equal(e[0], e[1])  # o_new = 0 (individual) or w_new = w_0 (cluster): e_new = e_0
     start = {k: v.detach().clone() for k, v in user_model.state_dict().items()}
-    fit, _ = A.toy_user_pairs("newcomer", 8, 1, seed=3000)
+    fit, _ = toy_tasks.toy_user_pairs("newcomer", 8, 1, seed=3000)
     collate = E.pair_collate(run, "cpu", registry.row)
     A.fit_user_row(run, user_model, row, E.tokenize(run, fit), collate, E.online_reference(reference, run.pdpo),
                    steps=4, lr=0.1)
