@@ -4,11 +4,13 @@
     python bench/task_family.py --tasks 0,1 --seeds 0,1
     python bench/task_family.py --tasks issue --pdpo user_init_range=0.5 --tag r05   # a candidate P-DPO setting
     python bench/task_family.py --tasks 3 --probe                 # + user-embedding diagnostics (norms, grads, attention)
+    python bench/task_family.py --tasks 8,9 --sft max_steps=800   # another SFT stage (own run directories)
 
 For each member x seed, as examples/demo.py does: a byte-level BPE on the member's corpus, a tiny LLaMA
 (model.TINY_LLAMA unless --hidden/--layers), SFT on both responses, then vanilla DPO and the demo's P-DPO arm
 (individual, alpha 0.5; T_u and the rest from the recipe) from that SFT model, all `python train.py --recipe tiny`. Per group: held-out accuracy of the implicit reward, answers as preferred
-(share of known users' greedy answers of their group's kind) and clean answers (any kind). A member x seed is
+(share of known users' greedy answers of their group's kind) and clean answers (any kind); per run, the SFT
+model's own clean answers (what DPO and P-DPO start from). A member x seed is
 "eligible" where vanilla DPO leaves a minority group at <= 0.6 accuracy (personalization is needed there), and a
 success where P-DPO then reaches >= 0.85 accuracy and >= 0.85 answers as preferred on every known group.
 Runs are kept in --workdir (default bench/results/task_family-runs, git-ignored) and reused: an arm with a new
@@ -45,6 +47,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=lm.TINY_LLAMA["n_layers"], help="transformer blocks")
     p.add_argument("--pdpo", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="P-DPO TrainConfig fields over the recipe (e.g. user_init_range=0.5)")
+    p.add_argument("--sft", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="SFT TrainConfig fields over the recipe (e.g. epochs=15); such runs get their own directories")
     p.add_argument("--tag", default="base", help="name of this P-DPO arm (its run directory and JSON file)")
     p.add_argument("--probe", action="store_true", help="record user-embedding diagnostics during P-DPO")
     p.add_argument("--workdir", default=str(C.ROOT / "bench" / "results" / "task_family-runs"))
@@ -83,6 +87,20 @@ def results(run_dir: Path, task: F.Task) -> dict:
     return {"groups": groups, "users": {u: s["accuracy"] for u, s in users.items()}, "clean_answers": r["clean_answers"]}
 
 
+def sft_clean(run_dir: Path, task: F.Task) -> float:
+    """Share of the SFT model's greedy answers to the held-out prompts that are of some group's kind (kept in
+    RUN/clean_answers.json): what vanilla DPO and P-DPO start from. Its misses are mostly about another noun
+    than the prompt's."""
+    cache = run_dir / "clean_answers.json"
+    if not cache.is_file():
+        run = runs.load_run(run_dir)
+        items, _ = data.tokenize_pairs(task.valid, run.tokenizer, 96, 32)
+        gens = evaluation.generate_responses(run.model, None, run.registry, run.tokenizer, items, max_new_tokens=48)
+        kinds = [task.classify(task.topic(task.valid[it.index].chosen), g["response"]) for g, it in zip(gens, items)]
+        runs.atomic_write_json({"clean_answers": sum(k is not None for k in kinds) / len(kinds)}, cache)
+    return runs.read_json(cache)["clean_answers"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Do the users take hold? (--probe): what train.py logs in metrics.jsonl, and where the LM looks
 
@@ -100,9 +118,10 @@ def probe(run_dir: Path, task: F.Task) -> dict:
 # One member x seed: SFT and DPO once (reused by every --tag), P-DPO per tag
 
 
-def run_one(name: str, seed: int, args, pdpo_fields: dict) -> dict:
+def run_one(name: str, seed: int, args, pdpo_fields: dict, sft_fields: dict) -> dict:
     task = member(name)
-    root = Path(args.workdir) / f"task{name}-seed{seed}-d{args.hidden}l{args.layers}"
+    sft_tag = "".join(f"-{k}{v}" for k, v in sft_fields.items())  # e.g. -epochs15.0
+    root = Path(args.workdir) / f"task{name}-seed{seed}-d{args.hidden}l{args.layers}{sft_tag}"
     data_dir, base = root / "data", root / "base"
     data.write_pairs(data_dir / "train.jsonl", task.train)
     data.write_pairs(data_dir / "valid.jsonl", task.valid)
@@ -117,7 +136,7 @@ def run_one(name: str, seed: int, args, pdpo_fields: dict) -> dict:
     common = dict(data=str(data_dir / "train.jsonl"), seed=seed, quiet=True, max_length=96, max_prompt_length=32,
                   recipe="tiny")
     preference = dict(stage="pdpo", model=str(root / "sft"), valid=str(data_dir / "valid.jsonl"), **common)
-    arms = {"sft": dict(stage="sft", model=str(base), sft_on="both", **common),
+    arms = {"sft": dict(stage="sft", model=str(base), sft_on="both", **common, **sft_fields),
             "dpo": dict(**prlhf.VANILLA_DPO, **preference),
             f"pdpo-{args.tag}": {**dict(user_model="individual", alpha=0.5, **preference),  # the demo's arm
                                  **pdpo_fields}}  # --pdpo may override T_u and alpha too
@@ -129,6 +148,7 @@ def run_one(name: str, seed: int, args, pdpo_fields: dict) -> dict:
         C.run_train_script(out=str(root / arm), **fields)  # python train.py --recipe tiny ...
         times[arm] = round(time.perf_counter() - t0, 1)
     out = {"task": name, "seed": seed, "summary": task.summary(), "times": times,
+           "sft_clean_answers": sft_clean(root / "sft", task),
            "dpo": results(root / "dpo", task), "pdpo": results(root / f"pdpo-{args.tag}", task)}
     if args.probe:
         out["probe"] = probe(root / f"pdpo-{args.tag}", task)
@@ -149,17 +169,18 @@ def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(1)
     pdpo_fields = dict(field_value(f) for f in args.pdpo)
+    sft_fields = dict(field_value(f) for f in args.sft)
     rows, records = [], []
     t0 = time.perf_counter()
     for name in args.tasks.split(","):
         task = member(name)
         for seed in (int(s) for s in args.seeds.split(",")):
-            r = run_one(name, seed, args, pdpo_fields)
+            r = run_one(name, seed, args, pdpo_fields, sft_fields)
             r.update(check(r, task, args))
             records.append(r)
             print(f"task {name} seed {seed}: {r['summary']}; {task.n_users} users x {task.pairs_per_user} pairs; "
-                  f"{'eligible' if r['eligible'] else 'not eligible'}, {'SUCCESS' if r['success'] else 'failure'} "
-                  f"{r['times']}", flush=True)
+                  f"{'eligible' if r['eligible'] else 'not eligible'}, {'SUCCESS' if r['success'] else 'failure'}; "
+                  f"SFT answers clean {r['sft_clean_answers']:.3f}; {r['times']}", flush=True)
             for g in task.kinds:
                 d, p = r["dpo"]["groups"][g], r["pdpo"]["groups"][g]
                 rows.append([name, seed, g, f"{task.shares[g]:.2f}", f"{d['accuracy']:.3f}", f"{p['accuracy']:.3f}",
@@ -174,7 +195,8 @@ def main(argv=None):
     print(f"success: {len(successes)} of {len(eligible)} eligible member x seed runs ({len(records)} in all); "
           f"failures: {[(r['task'], r['seed']) for r in eligible if not r['success']]}; "
           f"{time.perf_counter() - t0:.0f} s")
-    figures = {"tag": args.tag, "pdpo_fields": pdpo_fields, "hidden": args.hidden, "layers": args.layers,
+    figures = {"tag": args.tag, "pdpo_fields": pdpo_fields, "sft_fields": sft_fields, "hidden": args.hidden,
+               "layers": args.layers,
                "eligible": len(eligible), "successes": len(successes), "runs": records}
     out = C.ROOT / "bench" / "results" / f"task_family-{args.tag}.json"
     existing = json.loads(out.read_text())["runs"] if out.is_file() else []
