@@ -196,8 +196,7 @@ def main(argv=None):
           f"failures: {[(r['task'], r['seed']) for r in eligible if not r['success']]}; "
           f"{time.perf_counter() - t0:.0f} s")
     figures = {"tag": args.tag, "pdpo_fields": pdpo_fields, "sft_fields": sft_fields, "hidden": args.hidden,
-               "layers": args.layers,
-               "eligible": len(eligible), "successes": len(successes), "runs": records}
+               "layers": args.layers, "eligible": len(eligible), "successes": len(successes), "runs": records}
     out = C.ROOT / "bench" / "results" / f"task_family-{args.tag}.json"
     existing = json.loads(out.read_text())["runs"] if out.is_file() else []
     keep = [r for r in existing if (r["task"], r["seed"]) not in {(x["task"], x["seed"]) for x in records}]
