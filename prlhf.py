@@ -347,25 +347,56 @@ def user_conditioned_hidden(model, user_model, input_ids: torch.Tensor, user_row
     return hidden[:, T_u:]  # (N, T, d)
 
 
-def response_logps(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
-                   average: bool = False) -> torch.Tensor:
-    """log pi(y | x, u) = sum_t log p(y_t | BOS, e_u, x, y_<t), over response tokens only: (N,).
+def response_token_logps(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor,
+                         response_mask: torch.Tensor) -> torch.Tensor:
+    """log p(y_t | BOS, e_u, x, y_<t) per response token: (N, T - 1), zero where nothing is scored.
 
     hidden (N, T, d), hidden[:, t] predicting input_ids[:, t + 1]; response_mask (N, T) True at response
-    tokens (pads and prompt are never scored). average=True gives the mean over the response tokens
-    instead of the sum (TRL's IPO normalization). The LM head runs only at the positions that predict
-    a response token, and the log-softmax is taken in float32 as logit - logsumexp: no (N, T, V) tensor.
+    tokens (pads and prompt are never scored). The LM head runs only at the positions that predict a
+    response token, and the log-softmax is taken in float32 as logit - logsumexp: no (N, T, V) tensor.
     """
     predicts_response = response_mask[:, 1:]  # (N, T - 1): position t predicts token t + 1
     targets = input_ids[:, 1:][predicts_response]  # (n,) response tokens of all rows
     logits = lm_head(hidden[:, :-1][predicts_response]).float()  # (n, V)
     token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)  # (n,)
-    per_token = token_logps.new_zeros(predicts_response.shape)  # (N, T - 1), zero where nothing is scored
-    per_token = per_token.masked_scatter(predicts_response, token_logps)
-    logps = per_token.sum(dim=-1)  # (N,)
-    if average:
-        logps = logps / predicts_response.sum(dim=-1).clamp(min=1)
-    return logps
+    return token_logps.new_zeros(predicts_response.shape).masked_scatter(predicts_response, token_logps)
+
+
+def response_logps(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                   average: bool = False) -> torch.Tensor:
+    """log pi(y | x, u) = sum_t log p(y_t | BOS, e_u, x, y_<t), over response tokens only: (N,).
+
+    average=True gives the mean over the response tokens instead of the sum (TRL's IPO normalization).
+    """
+    return sum_response(response_token_logps(lm_head, hidden, input_ids, response_mask), response_mask, average)
+
+
+def sum_response(token_logps: torch.Tensor, response_mask: torch.Tensor, average: bool = False) -> torch.Tensor:
+    """(N, T - 1) per-token log-probs -> (N,) their sum over the response (or mean, average=True)."""
+    logps = token_logps.sum(dim=-1)
+    return logps / response_mask[:, 1:].sum(dim=-1).clamp(min=1) if average else logps
+
+
+def decision_margins(token_logps: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Per pair, the policy's own choice where y_w and y_l first part: (B,) (beyond the paper, see
+    PDPOConfig.decision_weight).
+
+        t* = the first response position where y_w and y_l hold different tokens
+        m  = log p(y_w[t*] | x, e, y_<t*) - log p(y_l[t*] | x, e, y_<t*)
+
+    Both responses have the same context up to t* (same prefix, same user), so m is the difference of the two
+    tokens' logits there: m > 0 where greedy decoding, having followed the shared words, takes y_w's branch
+    over y_l's. token_logps, input_ids, response_mask: 2B rows, chosen then rejected (response_token_logps'
+    layout: (2B, T - 1) against ids and mask of (2B, T)). A pair whose responses never differ at a position
+    both score gets m = +inf: no term, no gradient.
+    """
+    ids_w, ids_l = input_ids[:, 1:].chunk(2)  # (B, T - 1) each: the token each position predicts
+    scored_w, scored_l = response_mask[:, 1:].chunk(2)
+    parts = scored_w & scored_l & (ids_w != ids_l)  # (B, T - 1)
+    t_star = parts.int().argmax(dim=-1, keepdim=True)  # (B, 1): the first True (0 where there is none)
+    logps_w, logps_l = token_logps.chunk(2)
+    margins = (logps_w.gather(-1, t_star) - logps_l.gather(-1, t_star)).squeeze(-1)  # (B,)
+    return torch.where(parts.any(dim=-1), margins, torch.full_like(margins, math.inf))
 
 
 def policy_rows(batch: dict, alpha: float, user_model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
@@ -413,19 +444,30 @@ LOGP_NAMES = {"policy": ("policy_chosen_logps", "policy_rejected_logps"),
               "generic": ("generic_chosen_logps", "generic_rejected_logps")}
 
 
+DECISION_NAMES = {"policy": "policy_decision_margins", "generic": "generic_decision_margins"}
+
+
 def policy_logps(model, user_model, batch: dict, alpha: float, average: bool = False,
-                 shared_prompt: bool = False) -> dict:
+                 shared_prompt: bool = False, decisions: bool = False) -> dict:
     """log pi(y_w | x, u), log pi(y_l | x, u) and, for eq. (pdpo)'s generic term, the same with e_0.
 
     One forward of 2B or 4B rows (see policy_rows), or of B or 2B shared-prompt rows with shared_prompt
     (shared_prompt_hidden: the same numbers). Returns a dict of (B,) tensors
     policy_chosen_logps, policy_rejected_logps (None when alpha == 0) and generic_chosen_logps,
     generic_rejected_logps (None when alpha == 1). For evaluation use alpha=1: unknown users already
-    have row 0. average: mean over response tokens instead of the sum (for IPO).
+    have row 0. average: mean over response tokens instead of the sum (for IPO). decisions: also
+    policy_decision_margins and generic_decision_margins (decision_margins; None for an absent term).
     """
     hidden, input_ids, response_mask, blocks = policy_hidden(model, user_model, batch, alpha, shared_prompt)
-    logps = response_logps(model.output, hidden, input_ids, response_mask, average)  # (n*2B,)
-    return split_terms(logps, blocks, LOGP_NAMES)
+    token_logps = response_token_logps(model.output, hidden, input_ids, response_mask)  # (n*2B, T - 1)
+    out = split_terms(sum_response(token_logps, response_mask, average), blocks, LOGP_NAMES)
+    if decisions:  # PDPOConfig.decision_weight's margins, (B,) per term
+        out.update(dict.fromkeys(DECISION_NAMES.values()))
+        n = len(blocks)
+        for block, rows in zip(blocks, zip(token_logps.chunk(n), input_ids.chunk(n), response_mask.chunk(n))):
+            for term in block:
+                out[DECISION_NAMES[term]] = decision_margins(*rows)
+    return out
 
 
 @torch.no_grad()
@@ -586,6 +628,11 @@ class PDPOConfig:
                                  "prompt runs once instead of twice (same log-probs as two rows)")
     nll_weight: float = option(0.0, "lambda, weight of an NLL term on the chosen responses, mixed by alpha like "
                                "eq. (pdpo) (beyond the paper: keeps generations fluent; 0 = the paper's loss)")
+    decision_weight: float = option(0.0, "beyond the paper: weight mu of a term -log sigmoid(m) on the policy's own "
+                                    "choice where y_w and y_l first differ (m: y_w's token's log-prob minus "
+                                    "y_l's, same context), mixed by alpha. The implicit reward ranks a pair against "
+                                    "the reference, so it can be right while greedy decoding still takes y_l's "
+                                    "branch (docs/user_embeddings.md); 0 = the paper's loss")
 
     def __post_init__(self):
         if self.user_model not in USER_MODEL_KINDS:
@@ -605,6 +652,8 @@ class PDPOConfig:
             raise ValueError(f"--beta {self.beta}: must be a positive number")
         if not (self.nll_weight >= 0 and math.isfinite(self.nll_weight)):
             raise ValueError(f"--nll-weight {self.nll_weight}: lambda must be a number >= 0")
+        if not (self.decision_weight >= 0 and math.isfinite(self.decision_weight)):
+            raise ValueError(f"--decision-weight {self.decision_weight}: mu must be a number >= 0")
         if not 0 <= self.label_smoothing < 0.5:
             raise ValueError(f"--label-smoothing {self.label_smoothing}: must lie in [0, 0.5)")
         if self.user_info == "explicit" and (self.user_model != "uniform" or self.alpha < 1):
@@ -698,13 +747,15 @@ def check_alpha_terms(alpha: float, personalized, generic, what: str) -> None:
 def pdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
               generic_chosen_logps=None, generic_rejected_logps=None, *, alpha: float, beta: float,
               loss_type: str = "dpo", label_smoothing: float = 0.0, nll_weight: float = 0.0,
-              chosen_tokens: torch.Tensor | None = None) -> dict:
+              chosen_tokens: torch.Tensor | None = None, decision_weight: float = 0.0,
+              policy_decision_margins=None, generic_decision_margins=None) -> dict:
     """P-DPO, eq. (pdpo), per pair (all inputs (B,)):
 
         h_u = beta * [ (log pi(y_w|x,e_u) - log pi_ref(y_w|x)) - (log pi(y_l|x,e_u) - log pi_ref(y_l|x)) ]
         h_0 = the same with the generic embedding e_0
         L   = -[ alpha * log sigmoid(h_u) + (1 - alpha) * log sigmoid(h_0) ]
               + lambda * [ alpha * (-log pi(y_w|x,e_u) / |y_w|) + (1 - alpha) * (-log pi(y_w|x,e_0) / |y_w|) ]
+              + mu * [ alpha * (-log sigmoid(m_u)) + (1 - alpha) * (-log sigmoid(m_0)) ]
 
     -log sigmoid(h) is the DPO member of the family; loss_type "cdpo" / "ipo" replaces it by
     preference_loss's other members (label_smoothing is cDPO's eps). Both terms share the reference
@@ -714,9 +765,14 @@ def pdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     ("likelihood displacement"), which a free user embedding does readily, so that the personalized
     model's answers degrade while its pair accuracy stays perfect. Keeping y_w likely is the standard
     remedy: RPO (Pang et al. 2024), TRL's "sft" loss term, LLaMA-Factory's pref_ftx, OpenRLHF's nll_loss_coef.
+    The third line, also beyond the paper and off at decision_weight = mu = 0, acts on the policy alone at
+    the one token where y_w and y_l part (m_u, m_0: decision_margins with e_u, e_0): the rewards compare log-ratios
+    to the reference, so a pair can be ranked right while the policy, decoding greedily, still prefers
+    y_l's token there; this term asks that it prefer y_w's.
 
     A term whose weight is zero may be None (alpha = 1: no generic term; alpha = 0: no personalized one).
     Returns (B,) tensors: losses (differentiable; take .mean()), nll (L_NLL, detached, None when lambda = 0),
+    decision (L_dec, detached, None when mu = 0),
     and, detached, the implicit rewards r(x, y, u) = beta * (log pi(y|x,u) - log pi_ref(y|x)) chosen_rewards,
     rejected_rewards, accuracies (chosen_reward > rejected_reward), and the generic term's
     generic_chosen_rewards, generic_rejected_rewards, generic_accuracies. A term not given is None.
@@ -726,6 +782,8 @@ def pdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     check_alpha_terms(alpha, policy_chosen_logps, generic_chosen_logps, "log-probs")
     if nll_weight > 0 and chosen_tokens is None:
         raise ValueError("nll_weight > 0 needs chosen_tokens, the number of response tokens of each y_w")
+    if decision_weight > 0:
+        check_alpha_terms(alpha, policy_decision_margins, generic_decision_margins, "decision margins")
 
     def logratio(logps, reference_logps):  # log pi(y|x,e) - log pi_ref(y|x), None for an absent term
         return None if logps is None else logps - reference_logps
@@ -748,6 +806,14 @@ def pdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     if nll_weight > 0:  # + lambda * L_NLL, mixed by alpha like the preference terms
         nll = mix_terms(per_token_nll(policy_chosen_logps), per_token_nll(generic_chosen_logps), alpha)
         losses = losses + nll_weight * nll
+    decision = None
+    if decision_weight > 0:  # + mu * L_dec, mixed by alpha like the preference terms
+
+        def branch_loss(margins):  # -log sigmoid(m); a pair without a branch has m = +inf, so 0
+            return None if margins is None else -F.logsigmoid(margins)
+
+        decision = mix_terms(branch_loss(policy_decision_margins), branch_loss(generic_decision_margins), alpha)
+        losses = losses + decision_weight * decision
 
     def reward(logratios):  # r(x, y, e) = beta * log-ratio, detached
         return None if logratios is None else beta * logratios.detach()
@@ -755,6 +821,7 @@ def pdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps
     chosen_rewards, rejected_rewards = reward(u_chosen), reward(u_rejected)
     generic_chosen_rewards, generic_rejected_rewards = reward(g_chosen), reward(g_rejected)
     return {"losses": losses, "nll": None if nll is None else nll.detach(),
+            "decision": None if decision is None else decision.detach(),
             "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
             "accuracies": accuracy(chosen_rewards, rejected_rewards),
             "generic_chosen_rewards": generic_chosen_rewards, "generic_rejected_rewards": generic_rejected_rewards,
@@ -782,14 +849,16 @@ def pdpo_step(model, user_model, batch: dict, reference, cfg: PDPOConfig) -> dic
         keep = torch.rand(batch["user_rows"].shape) < alpha  # (B,)
         batch = {**batch, "user_rows": batch["user_rows"] * keep.to(batch["user_rows"].device)}
         alpha = 1.0
-    policy = policy_logps(model, user_model, batch, alpha, average=cfg.average_logps, shared_prompt=cfg.shared_prompt)
+    policy = policy_logps(model, user_model, batch, alpha, average=cfg.average_logps, shared_prompt=cfg.shared_prompt,
+                          decisions=cfg.decision_weight > 0)
     reference_chosen_logps, reference_rejected_logps = reference(batch)
     B = batch["user_rows"].shape[0]
     chosen_tokens = batch["policy_response_mask"][:B].sum(-1)  # (B,): |y_w|, the chosen rows come first
     return pdpo_loss(**policy, reference_chosen_logps=reference_chosen_logps,
                      reference_rejected_logps=reference_rejected_logps, alpha=alpha, beta=cfg.beta,
                      loss_type=cfg.loss, label_smoothing=cfg.label_smoothing, nll_weight=cfg.nll_weight,
-                     chosen_tokens=torch.ones_like(chosen_tokens) if cfg.average_logps else chosen_tokens)
+                     chosen_tokens=torch.ones_like(chosen_tokens) if cfg.average_logps else chosen_tokens,
+                     decision_weight=cfg.decision_weight)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -170,6 +170,69 @@ def test_pdpo_step_counts_chosen_tokens_for_the_nll_term():
         torch.testing.assert_close(out["nll"], (-logps / tokens).detach())
 
 
+BRANCH_PAIRS = [  # where y_w and y_l first part: the 2nd response token, the 1st, the EOS against a word, never
+    dict(row=1, text=[30], prompt=[5, 6, 7], chosen=[10, 11, 12, EOS], rejected=[10, 13, 12, EOS], t_star=1),
+    dict(row=3, prompt=[8, 9], chosen=[14, EOS], rejected=[15, 16, 17, EOS], t_star=0),
+    dict(row=0, prompt=[5], chosen=[18, 19, EOS], rejected=[18, 19, 20, 21, EOS], t_star=2),
+    dict(row=2, prompt=[6, 7], chosen=[22, EOS], rejected=[22, EOS], t_star=None),
+]
+
+
+@pytest.mark.parametrize("shared_prompt", [False, True])
+def test_decision_margins_by_hand(shared_prompt):
+    """m = log p(y_w[t*] | ..., e) - log p(y_l[t*] | ..., e) at the first response position where the two differ,
+    read off the full log-softmax of y_w's own row (slow_sequence's layout); +inf where they never differ."""
+    model = tiny_model("llama")
+    user_model = user_models(32, model.tok_embeddings.weight)["individual"]
+    batch = make_batch(BRANCH_PAIRS)
+    with torch.no_grad():
+        out = prlhf.policy_logps(model, user_model, batch, alpha=0.5, shared_prompt=shared_prompt, decisions=True)
+    for b, pair in enumerate(BRANCH_PAIRS):
+        for name, row in (("policy_decision_margins", pair["row"]), ("generic_decision_margins", 0)):
+            if pair["t_star"] is None:
+                assert out[name][b].item() == math.inf
+                continue
+            ids = torch.tensor([BOS] + pair.get("text", []) + pair["prompt"] + pair["chosen"])
+            e_u = slow_user_embedding(user_model, row)
+            with torch.no_grad():
+                x = torch.cat([model.tok_embeddings(ids[:1]), e_u, model.tok_embeddings(ids[1:])])[None]
+                logp = torch.log_softmax(model.output(model(inputs_embeds=x, return_hidden=True)[0]).double(), -1)
+            at = len(ids) - len(pair["chosen"]) + pair["t_star"]  # the token y_w[t*] in ids
+            position = e_u.shape[0] + at - 1  # the position that predicts it
+            want = logp[position, pair["chosen"][pair["t_star"]]] - logp[position, pair["rejected"][pair["t_star"]]]
+            assert out[name][b].item() == pytest.approx(want.item(), abs=1e-4), (b, name)
+    assert out["policy_decision_margins"][0] != out["generic_decision_margins"][0]  # e_u and e_0 differ
+    without = prlhf.policy_logps(model, user_model, batch, alpha=0.5, shared_prompt=shared_prompt)
+    assert "policy_decision_margins" not in without
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.25, 1.0])
+def test_decision_term_by_hand(alpha):
+    """L + mu * [alpha * (-log sigmoid(m_u)) + (1 - alpha) * (-log sigmoid(m_0))]; m = +inf adds nothing."""
+    beta, mu = 0.5, 0.7
+    m_u, m_0 = [0.3, -1.2, math.inf], [-0.4, 2.0, math.inf]
+    t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
+    args = (t(PC) if alpha > 0 else None, t(PR) if alpha > 0 else None, t(RC), t(RR),
+            t(GC) if alpha < 1 else None, t(GR) if alpha < 1 else None)
+    plain = prlhf.pdpo_loss(*args, alpha=alpha, beta=beta)
+    out = prlhf.pdpo_loss(*args, alpha=alpha, beta=beta, decision_weight=mu,
+                          policy_decision_margins=t(m_u) if alpha > 0 else None,
+                          generic_decision_margins=t(m_0) if alpha < 1 else None)
+    assert plain["decision"] is None
+    for b in range(3):
+        term = alpha * -log_sigmoid(m_u[b]) + (1 - alpha) * -log_sigmoid(m_0[b]) if b < 2 else 0.0
+        assert out["decision"][b].item() == pytest.approx(term, abs=1e-12)
+        assert out["losses"][b].item() == pytest.approx(plain["losses"][b].item() + mu * term, abs=1e-12)
+    with pytest.raises(ValueError, match="decision margins"):
+        prlhf.pdpo_loss(*args, alpha=alpha, beta=beta, decision_weight=mu)
+
+
+def test_decision_weight_must_be_a_number_at_least_zero():
+    for bad in (-0.1, math.nan, math.inf):
+        with pytest.raises(ValueError, match="--decision-weight"):
+            prlhf.PDPOConfig(decision_weight=bad)
+
+
 def test_label_smoothing_is_cdpo_only():
     x = [torch.tensor(v) for v in (PC, PR, RC, RR)]
     dpo = prlhf.pdpo_loss(*x, alpha=1.0, beta=0.3)["losses"]

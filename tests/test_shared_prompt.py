@@ -128,7 +128,8 @@ def test_pdpo_step_loss_and_gradients_equal_two_rows(family, grad_checkpointing)
     batch = batch_for(user_text=True)
     results = []
     for shared_prompt in (False, True):
-        cfg = prlhf.PDPOConfig(alpha=0.5, beta=0.5, nll_weight=0.3, shared_prompt=shared_prompt)
+        cfg = prlhf.PDPOConfig(alpha=0.5, beta=0.5, nll_weight=0.3, decision_weight=0.4,
+                               shared_prompt=shared_prompt)
 
         def ref(b):
             return prlhf.reference_logps(reference, b, shared_prompt=shared_prompt)
