@@ -55,20 +55,23 @@ EXAMPLES = ("toy", "toy-style", "smollm2")  # --example: examples/toy.py, exampl
 # 1e-3 for 2 epochs, some seeds' models mixed up topic words, "the planet" answered as "The cherry is ...";
 # at 5e-4 the 20% poetic group was ranked right but not answered in its style); user
 # embeddings near zero (uniform, r = 0.05), since a random vocabulary row would be read by such a model as a
-# word of the prompt; and an NLL term on the chosen answers (lambda = 1), so the answers stay fluent.
+# word of the prompt; and an NLL term on the chosen answers (lambda), so the answers stay fluent.
 # P-DPO's values were chosen on a family of random toy tasks (examples/family.py, bench/task_family.py,
 # docs/user_embeddings.md), not on the demo: with T_u = 1, the generic term from the first step and 2.5 epochs,
 # P-DPO served every group in 2 of 18 runs (9 members x 2 seeds); with T_u = 4, the generic term held back for the
 # first 80% of the steps (--generic-delay 0.8, beyond the paper; e_0 is still trained for unseen users) and 5
-# epochs, in 15 of 18; retrained on 20 members x 2 seeds it ranks every group right in 39 of 39 eligible runs and
-# answers every group in its kind in 29 of 39.
+# epochs, in 15 of 18. SFT runs 800 steps whatever the data size (10 epochs left the smallest members' SFT models
+# naming the wrong object); and two terms keep the greedy answers on the ranked side: the decision term
+# (--decision-weight 1, beyond the paper: at the first token where y_w and y_l part) and lambda = 2. On 60 held-out
+# members x 2 seeds (20-79): every group ranked right in 118 of 120 runs, answered in its kind in 98 of 120.
 RECIPES = {"tiny": {
-    "sft": dict(lr=3e-3, warmup_steps=10, epochs=10.0, batch_size=16, grad_accum=1),
+    "sft": dict(lr=3e-3, warmup_steps=10, max_steps=800, batch_size=16, grad_accum=1),
     "pdpo": dict(beta=2.0, lr=7e-4, user_lr=3e-3, warmup_steps=10, epochs=5.0, batch_size=8, grad_accum=1,
-                 user_init="uniform", user_init_range=0.05, nll_weight=1.0, n_user_tokens=4, generic_delay=0.8),
+                 user_init="uniform", user_init_range=0.05, nll_weight=2.0, n_user_tokens=4, generic_delay=0.8,
+                 decision_weight=1.0),
 }}
 RECIPES["tiny"]["prm"] = {k: v for k, v in RECIPES["tiny"]["pdpo"].items()
-                          if k not in ("beta", "nll_weight", "generic_delay")}
+                          if k not in ("beta", "nll_weight", "generic_delay", "decision_weight")}
 
 
 def recipe_help() -> str:
@@ -232,6 +235,8 @@ def pdpo_batch_loss(cfg, model, user_model, batch, reference):
     metrics = {"accuracy": out[f"{term}accuracies"].mean().item(), "margin": margin.item(), "alpha": cfg.alpha}
     if out["nll"] is not None:  # --nll-weight > 0: the NLL term's value, per token of y_w
         metrics["nll"] = out["nll"].mean().item()
+    if out["decision"] is not None:  # --decision-weight > 0: the decision term's value
+        metrics["decision"] = out["decision"].mean().item()
     metrics["pairs"] = list(zip(batch["users"], batch["groups"], out[f"{term}accuracies"].tolist()))
     return out["losses"].mean(), metrics
 

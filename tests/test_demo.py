@@ -34,7 +34,8 @@ def test_demo_reproduces_the_papers_finding(length_demo):
     assert {g["kind"] for g in gens} <= {"long", "short", "broken"} and len(gens) == 280
     for name in ("sft", "dpo", "pdpo"):
         args = json.loads((tmp_path / "demo" / name / "args.json").read_text())
-        assert args["recipe"] == "tiny" and args["nll_weight"] == (1.0 if name != "sft" else 0.0)
+        assert args["recipe"] == "tiny" and args["nll_weight"] == (2.0 if name != "sft" else 0.0)
+        assert args["decision_weight"] == (1.0 if name != "sft" else 0.0)
     assert (tmp_path / "demo" / "data" / "train.jsonl").is_file()
 
 
@@ -66,11 +67,12 @@ def test_the_tiny_recipe_serves_three_style_groups(tmp_path):
 
 
 @pytest.mark.parametrize("argv, expected", [
-    (["--recipe", "tiny"], dict(beta=2.0, lr=7e-4, epochs=5.0, nll_weight=1.0, user_init="uniform", n_user_tokens=4,
-                                generic_delay=0.8)),
+    (["--recipe", "tiny"], dict(beta=2.0, lr=7e-4, epochs=5.0, nll_weight=2.0, user_init="uniform", n_user_tokens=4,
+                                generic_delay=0.8, decision_weight=1.0)),
     (["--recipe", "tiny", "--lr", "0.02", "--nll-weight", "0"], dict(beta=2.0, lr=0.02, nll_weight=0.0)),
-    (["--recipe", "tiny", "--stage", "sft"], dict(lr=3e-3, epochs=10.0, batch_size=16, nll_weight=0.0)),
-    ([], dict(beta=0.5, lr=5e-5, nll_weight=0.0, user_init="vocab")),  # the paper's defaults stay the defaults
+    (["--recipe", "tiny", "--stage", "sft"], dict(lr=3e-3, max_steps=800, batch_size=16, nll_weight=0.0,
+                                                        decision_weight=0.0)),
+    ([], dict(beta=0.5, lr=5e-5, nll_weight=0.0, user_init="vocab", decision_weight=0.0)),  # the paper's defaults stay the defaults
 ])
 def test_recipe_values_and_explicit_flags_override_them(argv, expected):
     cfg = T.parse_args(["--model", "m", "--data", "d", "--out", "o", *argv])
