@@ -51,6 +51,9 @@ def parse_args(argv=None):
                    help="SFT TrainConfig fields over the recipe (e.g. epochs=15); such runs get their own directories")
     p.add_argument("--tag", default="base", help="name of this P-DPO arm (its run directory and JSON file)")
     p.add_argument("--probe", action="store_true", help="record user-embedding diagnostics during P-DPO")
+    p.add_argument("--more-prompts", type=int, default=0, metavar="N",
+                   help="also count P-DPO's answers as preferred on N further held-out prompts per known user "
+                        "(success_more_prompts; the default 8 leaves a small group with 16-24 answers)")
     p.add_argument("--workdir", default=str(C.ROOT / "bench" / "results" / "task_family-runs"))
     p.add_argument("--accuracy", type=float, default=0.85)
     p.add_argument("--preferred", type=float, default=0.85)
@@ -58,11 +61,14 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def member(name: str) -> F.Task:
-    """A member seed, "issue" (issue #26's task), or "toy-length" / "toy-style" (the demo's tasks, family.from_toy)."""
+def member(name: str, **overrides) -> F.Task:
+    """A member seed, "issue" (issue #26's task), or "toy-length" / "toy-style" (the demo's tasks, family.from_toy).
+    overrides go to make_task (e.g. n_valid_per_user); the toys take none."""
     if name.startswith("toy-"):
+        if overrides:
+            raise ValueError(f"--more-prompts: not for the toy members ({name})")
         return F.from_toy(name[len("toy-"):])
-    return F.make_task(0, **F.ISSUE_26) if name == ISSUE_TASK else F.make_task(int(name))
+    return F.make_task(0, **{**F.ISSUE_26, **overrides}) if name == ISSUE_TASK else F.make_task(int(name), **overrides)
 
 
 def field_value(text: str):
@@ -99,6 +105,22 @@ def sft_clean(run_dir: Path, task: F.Task) -> float:
         kinds = [task.classify(task.topic(task.valid[it.index].chosen), g["response"]) for g, it in zip(gens, items)]
         runs.atomic_write_json({"clean_answers": sum(k is not None for k in kinds) / len(kinds)}, cache)
     return runs.read_json(cache)["clean_answers"]
+
+
+def more_answers(run_dir: Path, name: str, per_user: int) -> dict:
+    """Answers as preferred per known group on per_user further held-out prompts per known user (the member drawn
+    with n_valid_per_user=per_user: the same training pairs, other held-out ones): the measurement with less of its
+    own noise (a group of 2-3 users has only 16-24 answers at the default 8)."""
+    task = member(name, n_valid_per_user=per_user)
+    known = [p for p in task.valid if p.group != "unseen"]
+    run = runs.load_run(run_dir)
+    items, _ = data.tokenize_pairs(known, run.tokenizer, 96, 32)
+    gens = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items, max_new_tokens=48)
+    hits = {g: [] for g in task.kinds}
+    for g, item in zip(gens, items):
+        pair = known[item.index]
+        hits[pair.group].append(task.classify(task.topic(pair.chosen), g["response"]) == pair.group)
+    return {g: sum(h) / len(h) for g, h in hits.items()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -152,6 +174,8 @@ def run_one(name: str, seed: int, args, pdpo_fields: dict, sft_fields: dict) -> 
            "dpo": results(root / "dpo", task), "pdpo": results(root / f"pdpo-{args.tag}", task)}
     if args.probe:
         out["probe"] = probe(root / f"pdpo-{args.tag}", task)
+    if args.more_prompts:
+        out["pdpo"]["more_answers_as_preferred"] = more_answers(root / f"pdpo-{args.tag}", name, args.more_prompts)
     return out
 
 
@@ -162,7 +186,12 @@ def check(r: dict, task: F.Task, args) -> dict:
     eligible = any(dpo[g]["accuracy"] <= args.dpo_fails for g in minorities)
     ok = all(pdpo[g]["accuracy"] >= args.accuracy and (pdpo[g]["answers_as_preferred"] or 0) >= args.preferred
              for g in task.kinds)
-    return {"eligible": eligible, "success": ok}
+    verdict = {"eligible": eligible, "success": ok}
+    more = r["pdpo"].get("more_answers_as_preferred")
+    if more is not None:  # --more-prompts: the same test, answers counted on the further prompts
+        verdict["success_more_prompts"] = all(pdpo[g]["accuracy"] >= args.accuracy and more[g] >= args.preferred
+                                              for g in task.kinds)
+    return verdict
 
 
 def main(argv=None):
@@ -195,6 +224,10 @@ def main(argv=None):
     print(f"success: {len(successes)} of {len(eligible)} eligible member x seed runs ({len(records)} in all); "
           f"failures: {[(r['task'], r['seed']) for r in eligible if not r['success']]}; "
           f"{time.perf_counter() - t0:.0f} s")
+    if args.more_prompts:
+        print(f"on {args.more_prompts} further prompts per known user: success "
+              f"{sum(r['success_more_prompts'] for r in eligible)} of {len(eligible)}; failures: "
+              f"{[(r['task'], r['seed']) for r in eligible if not r['success_more_prompts']]}")
     figures = {"tag": args.tag, "pdpo_fields": pdpo_fields, "sft_fields": sft_fields, "hidden": args.hidden,
                "layers": args.layers, "eligible": len(eligible), "successes": len(successes), "runs": records}
     out = C.ROOT / "bench" / "results" / f"task_family-{args.tag}.json"

@@ -17,6 +17,15 @@ def test_a_member_is_deterministic_in_its_seed():
     assert a.kinds != c.kinds or a.train != c.train
 
 
+def test_more_held_out_prompts_keep_the_training_pairs():
+    """bench/task_family.py --more-prompts draws a member with more held-out pairs per user: the users and the
+    training pairs stay those the runs were trained on; the held-out pairs grow."""
+    a, b = F.make_task(5), F.make_task(5, n_valid_per_user=32)
+    assert a.train == b.train and a.users == b.users
+    known = [p for p in b.valid if p.group != "unseen"]
+    assert len(known) == 32 * b.n_users and len(b.valid) > len(a.valid)
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_group_shares_and_splits(seed):
     task = F.make_task(seed)

@@ -227,6 +227,18 @@ def test_decision_term_by_hand(alpha):
         prlhf.pdpo_loss(*args, alpha=alpha, beta=beta, decision_weight=mu)
 
 
+def test_decision_term_gradients_are_finite_with_a_pair_that_never_parts():
+    model = tiny_model("llama").train()
+    user_model = user_models(32, model.tok_embeddings.weight)["individual"]
+    batch = make_batch(BRANCH_PAIRS)  # the last pair's responses are the same: m = +inf
+    cfg = prlhf.PDPOConfig(alpha=0.5, decision_weight=1.0)
+    out = prlhf.pdpo_step(model, user_model, batch, lambda b: prlhf.reference_logps(model, b), cfg)
+    assert out["decision"][-1].item() == 0.0 and (out["decision"][:-1] > 0).all()
+    out["losses"].mean().backward()
+    grads = [p.grad for p in [*model.parameters(), *user_model.parameters()] if p.grad is not None]
+    assert grads and all(torch.isfinite(g).all() for g in grads)
+
+
 def test_decision_weight_must_be_a_number_at_least_zero():
     for bad in (-0.1, math.nan, math.inf):
         with pytest.raises(ValueError, match="--decision-weight"):
