@@ -62,7 +62,8 @@ EXAMPLES = ("toy", "toy-style", "smollm2")  # --example: examples/toy.py, exampl
 # first 80% of the steps (--generic-delay 0.8, beyond the paper; e_0 is still trained for unseen users) and 5
 # epochs, in 15 of 18. SFT runs 800 steps whatever the data size (10 epochs left the smallest members' SFT models
 # naming the wrong object); and two terms keep the greedy answers on the ranked side: the decision term
-# (--decision-weight 1, beyond the paper: at the first token where y_w and y_l part) and lambda = 2. On 60 held-out
+# (--decision-weight 1, beyond the paper: at the first token where y_w and y_l part; not for vanilla DPO,
+# prlhf.VANILLA_DPO) and lambda = 2. On 60 held-out
 # members x 2 seeds (20-79): every group ranked right in 118 of 120 runs, answered in its kind in 98 of 120.
 RECIPES = {"tiny": {
     "sft": dict(lr=3e-3, warmup_steps=10, max_steps=800, batch_size=16, grad_accum=1),

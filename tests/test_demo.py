@@ -35,7 +35,7 @@ def test_demo_reproduces_the_papers_finding(length_demo):
     for name in ("sft", "dpo", "pdpo"):
         args = json.loads((tmp_path / "demo" / name / "args.json").read_text())
         assert args["recipe"] == "tiny" and args["nll_weight"] == (2.0 if name != "sft" else 0.0)
-        assert args["decision_weight"] == (1.0 if name != "sft" else 0.0)
+        assert args["decision_weight"] == (1.0 if name == "pdpo" else 0.0)  # vanilla DPO: prlhf.VANILLA_DPO
     assert (tmp_path / "demo" / "data" / "train.jsonl").is_file()
 
 
