@@ -99,12 +99,21 @@ def sft_clean(run_dir: Path, task: F.Task) -> float:
     than the prompt's."""
     cache = run_dir / "clean_answers.json"
     if not cache.is_file():
-        run = runs.load_run(run_dir)
-        items, _ = data.tokenize_pairs(task.valid, run.tokenizer, 96, 32)
-        gens = evaluation.generate_responses(run.model, None, run.registry, run.tokenizer, items, max_new_tokens=48)
-        kinds = [task.classify(task.topic(task.valid[it.index].chosen), g["response"]) for g, it in zip(gens, items)]
+        kinds = answer_kinds(run_dir, task, task.valid)
         runs.atomic_write_json({"clean_answers": sum(k is not None for k in kinds) / len(kinds)}, cache)
     return runs.read_json(cache)["clean_answers"]
+
+
+def answer_kinds(run_dir: Path, task: F.Task, pairs: list) -> list:
+    """The run's greedy answer to each pair's prompt, as that pair's user (none for an SFT run, which has no user
+    model), sorted into the task's kinds: a group, or None (broken)."""
+    run = runs.load_run(run_dir)
+    items, _ = data.tokenize_pairs(pairs, run.tokenizer, 96, 32)
+    gens = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items, max_new_tokens=48)
+    kinds = [None] * len(pairs)
+    for g, item in zip(gens, items):
+        kinds[item.index] = task.classify(task.topic(pairs[item.index].chosen), g["response"])
+    return kinds
 
 
 def more_answers(run_dir: Path, name: str, per_user: int) -> dict:
@@ -113,13 +122,9 @@ def more_answers(run_dir: Path, name: str, per_user: int) -> dict:
     own noise (a group of 2-3 users has only 16-24 answers at the default 8)."""
     task = member(name, n_valid_per_user=per_user)
     known = [p for p in task.valid if p.group != "unseen"]
-    run = runs.load_run(run_dir)
-    items, _ = data.tokenize_pairs(known, run.tokenizer, 96, 32)
-    gens = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items, max_new_tokens=48)
     hits = {g: [] for g in task.kinds}
-    for g, item in zip(gens, items):
-        pair = known[item.index]
-        hits[pair.group].append(task.classify(task.topic(pair.chosen), g["response"]) == pair.group)
+    for pair, kind in zip(known, answer_kinds(run_dir, task, known)):
+        hits[pair.group].append(kind == pair.group)
     return {g: sum(h) / len(h) for g, h in hits.items()}
 
 
