@@ -4,11 +4,16 @@
     python bench/task_family.py --tasks 0,1 --seeds 0,1
     python bench/task_family.py --tasks issue --pdpo user_init_range=0.5 --tag r05   # a candidate P-DPO setting
     python bench/task_family.py --tasks 3 --probe                 # + user-embedding diagnostics (norms, grads, attention)
-    python bench/task_family.py --tasks 8,9 --sft max_steps=800   # another SFT stage (own run directories)
+    python bench/task_family.py --tasks 8,9 --sft max_steps=1600  # another SFT stage (own run directories)
+    python bench/task_family.py --sft-language 0                  # SFT on the training pairs alone (as before)
+    python bench/task_family.py --tasks 0,1 --sft-only            # the SFT model only: its misses, by object
 
 For each member x seed, as examples/demo.py does: a byte-level BPE on the member's corpus, a tiny LLaMA
-(model.TINY_LLAMA unless --hidden/--layers), SFT on both responses, then vanilla DPO and the demo's P-DPO arm
-(individual, alpha 0.5; T_u and the rest from the recipe) from that SFT model, all `python train.py --recipe tiny`. Per group: held-out accuracy of the implicit reward, answers as preferred
+(model.TINY_LLAMA unless --hidden/--layers/--model), SFT on both responses of the training pairs and of
+--sft-language pairs from nobody (Task.language_pairs: every topic answered, every kind alike; what a pretrained
+LM would bring, since a from-scratch one cannot name a topic it never saw answered), then vanilla DPO and the
+demo's P-DPO arm (individual, alpha 0.5; T_u and the rest from the recipe) from that SFT model, all
+`python train.py --recipe tiny`. Per group: held-out accuracy of the implicit reward, answers as preferred
 (share of known users' greedy answers of their group's kind) and clean answers (any kind); per run, the SFT
 model's own clean answers (what DPO and P-DPO start from). A member x seed is
 "eligible" where vanilla DPO leaves a minority group at <= 0.6 accuracy (personalization is needed there), and a
@@ -21,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -45,10 +51,18 @@ def parse_args(argv=None):
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--hidden", type=int, default=lm.TINY_LLAMA["hidden_size"], help="model width d")
     p.add_argument("--layers", type=int, default=lm.TINY_LLAMA["n_layers"], help="transformer blocks")
+    p.add_argument("--model", nargs="*", default=[], metavar="FIELD=VALUE",
+                   help="model.ModelConfig fields over model.TINY_LLAMA (e.g. n_kv_heads=4); own run directories")
     p.add_argument("--pdpo", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="P-DPO TrainConfig fields over the recipe (e.g. user_init_range=0.5)")
     p.add_argument("--sft", nargs="*", default=[], metavar="FIELD=VALUE",
                    help="SFT TrainConfig fields over the recipe (e.g. epochs=15); such runs get their own directories")
+    p.add_argument("--sft-language", type=int, default=1000, metavar="N",
+                   help="add N of the member's language pairs (Task.language_pairs: every topic, no user's preference) "
+                        "to the SFT data; own run directories")
+    p.add_argument("--sft-only", action="store_true",
+                   help="train and score the SFT model only: its clean answers, and its misses by how often the "
+                        "prompt's object is answered in the training pairs (never / 1-2 / 3+)")
     p.add_argument("--tag", default="base", help="name of this P-DPO arm (its run directory and JSON file)")
     p.add_argument("--probe", action="store_true", help="record user-embedding diagnostics during P-DPO")
     p.add_argument("--more-prompts", type=int, default=0, metavar="N",
@@ -116,6 +130,19 @@ def answer_kinds(run_dir: Path, task: F.Task, pairs: list) -> list:
     return kinds
 
 
+def sft_misses_by_object(run_dir: Path, task: F.Task) -> dict:
+    """The SFT model's held-out answers by how often their prompt's object is answered in the training pairs:
+    {"never" / "1-2" / "3+": [prompts, broken answers]}. A from-scratch LM misses what it never saw answered."""
+    seen = Counter(task.topic(p.chosen) for p in task.train)
+    out = {"never": [0, 0], "1-2": [0, 0], "3+": [0, 0]}
+    for pair, kind in zip(task.valid, answer_kinds(run_dir, task, task.valid)):
+        n = seen[task.topic(pair.chosen)]
+        bucket = out["never" if n == 0 else "1-2" if n <= 2 else "3+"]
+        bucket[0] += 1
+        bucket[1] += kind is None
+    return out
+
+
 def more_answers(run_dir: Path, name: str, per_user: int) -> dict:
     """Answers as preferred per known group on per_user further held-out prompts per known user (the member drawn
     with n_valid_per_user=per_user: the same training pairs, other held-out ones): the measurement with less of its
@@ -148,25 +175,33 @@ def probe(run_dir: Path, task: F.Task) -> dict:
 def run_one(name: str, seed: int, args, pdpo_fields: dict, sft_fields: dict) -> dict:
     task = member(name)
     sft_tag = "".join(f"-{k}{v}" for k, v in sft_fields.items())  # e.g. -epochs15.0
-    root = Path(args.workdir) / f"task{name}-seed{seed}-d{args.hidden}l{args.layers}{sft_tag}"
+    model_fields = dict(field_value(f) for f in args.model)
+    model_tag = "".join(f"-{k}{v}" for k, v in model_fields.items())
+    model_tag += f"-lang{args.sft_language}" if args.sft_language else ""  # SFT data: also N language pairs
+    root = Path(args.workdir) / f"task{name}-seed{seed}-d{args.hidden}l{args.layers}{model_tag}{sft_tag}"
     data_dir, base = root / "data", root / "base"
     data.write_pairs(data_dir / "train.jsonl", task.train)
     data.write_pairs(data_dir / "valid.jsonl", task.valid)
+    data.write_pairs(data_dir / "sft.jsonl", task.train + task.language_pairs(args.sft_language))
     times = {}
     if not (base / "config.json").is_file():
         tokenizer = data.train_bpe_tokenizer(task.corpus_texts(), 768, out_dir=base)
         cfg = lm.ModelConfig(vocab_size=tokenizer.vocab_size, bos_token_id=tokenizer.bos_id,
                              eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id,
                              **{**lm.TINY_LLAMA, "hidden_size": args.hidden, "n_layers": args.layers,
-                                "head_dim": args.hidden // lm.TINY_LLAMA["n_heads"], "intermediate_size": 2 * args.hidden})
+                                "head_dim": args.hidden // lm.TINY_LLAMA["n_heads"],
+                                "intermediate_size": 2 * args.hidden, **model_fields})
         lm.save_pretrained(lm.build_model(cfg, seed=seed), base)
     common = dict(data=str(data_dir / "train.jsonl"), seed=seed, quiet=True, max_length=96, max_prompt_length=32,
                   recipe="tiny")
     preference = dict(stage="pdpo", model=str(root / "sft"), valid=str(data_dir / "valid.jsonl"), **common)
-    arms = {"sft": dict(stage="sft", model=str(base), sft_on="both", **common, **sft_fields),
+    sft = {**common, "data": str(data_dir / "sft.jsonl")}  # the training pairs and the language pairs
+    arms = {"sft": dict(stage="sft", model=str(base), sft_on="both", **sft, **sft_fields),
             "dpo": dict(**prlhf.VANILLA_DPO, **preference),
             f"pdpo-{args.tag}": {**dict(user_model="individual", alpha=0.5, **preference),  # the demo's arm
                                  **pdpo_fields}}  # --pdpo may override T_u and alpha too
+    if args.sft_only:
+        arms = {"sft": arms["sft"]}
     for arm, fields in arms.items():
         done = root / arm / ("eval.json" if arm != "sft" else "config.json")
         if done.is_file():
@@ -175,7 +210,10 @@ def run_one(name: str, seed: int, args, pdpo_fields: dict, sft_fields: dict) -> 
         C.run_train_script(out=str(root / arm), **fields)  # python train.py --recipe tiny ...
         times[arm] = round(time.perf_counter() - t0, 1)
     out = {"task": name, "seed": seed, "summary": task.summary(), "times": times,
-           "sft_clean_answers": sft_clean(root / "sft", task),
+           "sft_clean_answers": sft_clean(root / "sft", task)}
+    if args.sft_only:
+        return {**out, "sft_misses_by_object": sft_misses_by_object(root / "sft", task)}
+    out = {**out,
            "dpo": results(root / "dpo", task), "pdpo": results(root / f"pdpo-{args.tag}", task)}
     if args.probe:
         out["probe"] = probe(root / f"pdpo-{args.tag}", task)
@@ -199,6 +237,19 @@ def check(r: dict, task: F.Task, args) -> dict:
     return verdict
 
 
+def sft_summary(records: list, seconds: float) -> dict:
+    clean = [r["sft_clean_answers"] for r in records]
+    by_object = {k: [sum(r["sft_misses_by_object"][k][i] for r in records) for i in (0, 1)]
+                 for k in ("never", "1-2", "3+")}
+    figures = {"runs": len(records), "sft_clean_mean": round(sum(clean) / len(clean), 3), "sft_clean_min": min(clean),
+               "below_0.9": sum(c < 0.9 for c in clean), "by_object": by_object}
+    print(f"SFT answers clean: mean {figures['sft_clean_mean']:.3f}, min {min(clean):.3f}, below 0.9 in "
+          f"{figures['below_0.9']} of {len(records)} runs; missed by object " +
+          ", ".join(f"{k}: {m} of {n}" for k, (n, m) in by_object.items()) + f"; {seconds:.0f} s")
+    C.emit_json(figures)
+    return figures
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(1)
@@ -210,6 +261,12 @@ def main(argv=None):
         task = member(name)
         for seed in (int(s) for s in args.seeds.split(",")):
             r = run_one(name, seed, args, pdpo_fields, sft_fields)
+            if args.sft_only:
+                records.append(r)
+                print(f"task {name} seed {seed}: {task.n_users} users x {task.pairs_per_user} pairs; SFT answers "
+                      f"clean {r['sft_clean_answers']:.3f}; [prompts, missed] by object {r['sft_misses_by_object']}",
+                      flush=True)
+                continue
             r.update(check(r, task, args))
             records.append(r)
             print(f"task {name} seed {seed}: {r['summary']}; {task.n_users} users x {task.pairs_per_user} pairs; "
@@ -222,6 +279,8 @@ def main(argv=None):
                              f"{r['dpo']['clean_answers']:.3f}", f"{r['pdpo']['clean_answers']:.3f}"])
             if "probe" in r:
                 print("  probe:", json.dumps(r["probe"]), flush=True)
+    if args.sft_only:
+        return sft_summary(records, time.perf_counter() - t0)
     C.print_table(["task", "seed", "group", "share", "acc DPO", "acc P-DPO", "as pref DPO", "as pref P-DPO",
                    "clean DPO", "clean P-DPO"], rows, title=f"P-DPO arm {args.tag} {pdpo_fields or '(recipe tiny)'}")
     eligible = [r for r in records if r["eligible"]]
@@ -234,7 +293,8 @@ def main(argv=None):
               f"{sum(r['success_more_prompts'] for r in eligible)} of {len(eligible)}; failures: "
               f"{[(r['task'], r['seed']) for r in eligible if not r['success_more_prompts']]}")
     figures = {"tag": args.tag, "pdpo_fields": pdpo_fields, "sft_fields": sft_fields, "hidden": args.hidden,
-               "layers": args.layers, "eligible": len(eligible), "successes": len(successes), "runs": records}
+               "layers": args.layers, "model_fields": args.model, "sft_language": args.sft_language,
+               "eligible": len(eligible), "successes": len(successes), "runs": records}
     out = C.ROOT / "bench" / "results" / f"task_family-{args.tag}.json"
     existing = json.loads(out.read_text())["runs"] if out.is_file() else []
     keep = [r for r in existing if (r["task"], r["seed"]) not in {(x["task"], x["seed"]) for x in records}]

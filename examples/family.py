@@ -15,6 +15,7 @@ kind; a pair's rejected answer is another kind. What tells the kinds apart is dr
     task.train, task.valid                   # data.Pair lists; valid: known users' held-out pairs, unseen users'
     task.classify("kettle", answer)          # the group whose kind the answer is, or None (a broken answer)
     task.corpus_texts()                      # texts for the BPE tokenizer
+    task.language_pairs(1000)                # pairs from nobody, every topic and kind: SFT data beside task.train
 
 `from_toy("length")` and `from_toy("style")` are the demo's two tasks as members. `make_task(0, **ISSUE_26)` is
 the task of issue #26 (50/30/20%: two opposite scattered styles, and "shorter").
@@ -147,6 +148,18 @@ class Task:
         self.valid = self.pairs(rng, known, self.n_valid_per_user, None)
         self.valid += self.pairs(rng, unseen, self.n_valid_per_user, "unseen")
         return self
+
+    def language_pairs(self, n: int) -> list[Pair]:
+        """n pairs from nobody ("anyone"): a prompt about a random topic, two different kinds at random. What a
+        pretrained LM would bring: the member's language with every topic, no preference (both responses are
+        learned by an SFT on both). A from-scratch LM names no topic it never saw answered (docs/user_embeddings.md)."""
+        rng = random.Random(self.seed + 2)
+        out = []
+        for _ in range(n):
+            prompt, answers = self.answers(rng)
+            first, second = rng.sample(sorted(answers), 2)
+            out.append(Pair("anyone", " " + prompt, " " + answers[first], " " + answers[second], group="language"))
+        return out
 
     def corpus_texts(self, n_examples: int = 2000) -> list[str]:
         """Prompts and every kind's answers (leading spaces, as in the pairs), plus every word once."""

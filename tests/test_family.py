@@ -26,6 +26,25 @@ def test_more_held_out_prompts_keep_the_training_pairs():
     assert len(known) == 32 * b.n_users and len(b.valid) > len(a.valid)
 
 
+@pytest.mark.parametrize("seed", [0, 7])
+def test_language_pairs_cover_every_topic_and_prefer_nothing(seed):
+    """bench/task_family.py --sft-language: pairs from nobody, for the SFT only; the member's own pairs are kept."""
+    task, again = F.make_task(seed), F.make_task(seed)
+    pairs = task.language_pairs(1000)
+    assert pairs == again.language_pairs(1000) and pairs[:10] == task.language_pairs(10)
+    assert task.train == again.train and task.valid == again.valid
+    assert {p.user for p in pairs} == {"anyone"} and {p.group for p in pairs} == {"language"}
+    assert {task.topic(p.chosen) for p in pairs} == set(toy.NOUNS)  # so an SFT on them sees every topic answered
+    kinds = Counter()
+    for p in pairs:
+        topic = task.topic(p.chosen)
+        chosen, rejected = task.classify(topic, p.chosen), task.classify(topic, p.rejected)
+        assert None not in (chosen, rejected) and chosen != rejected
+        kinds[chosen] += 1
+    assert set(kinds) == set(task.kinds)  # every kind chosen, in about equal numbers: no group's preference
+    assert max(kinds.values()) < 1.3 * min(kinds.values()), kinds
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_group_shares_and_splits(seed):
     task = F.make_task(seed)
