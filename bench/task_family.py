@@ -209,11 +209,12 @@ def run_one(name: str, seed: int, args, pdpo_fields: dict, sft_fields: dict) -> 
         t0 = time.perf_counter()
         C.run_train_script(out=str(root / arm), **fields)  # python train.py --recipe tiny ...
         times[arm] = round(time.perf_counter() - t0, 1)
-    out = {"task": name, "seed": seed, "summary": task.summary(), "times": times,
-           "sft_clean_answers": sft_clean(root / "sft", task)}
-    if args.sft_only:
-        return {**out, "sft_misses_by_object": sft_misses_by_object(root / "sft", task)}
-    out = {**out,
+    out = {"task": name, "seed": seed, "summary": task.summary(), "times": times}
+    if args.sft_only:  # one pass of greedy answers gives both figures
+        misses = sft_misses_by_object(root / "sft", task)
+        clean = 1 - sum(m for _, m in misses.values()) / sum(n for n, _ in misses.values())
+        return {**out, "sft_clean_answers": clean, "sft_misses_by_object": misses}
+    out = {**out, "sft_clean_answers": sft_clean(root / "sft", task),
            "dpo": results(root / "dpo", task), "pdpo": results(root / f"pdpo-{args.tag}", task)}
     if args.probe:
         out["probe"] = probe(root / f"pdpo-{args.tag}", task)
