@@ -47,7 +47,7 @@ from prlhf import option
 # prlhf.PDPOConfig (--user-model, --alpha, --beta, --loss, ...), checked before anything is loaded.
 
 
-EXAMPLES = ("toy", "toy-style", "smollm2")  # --example: examples/toy.py, examples/smollm2.py
+EXAMPLES = ("toy", "toy-style", "smollm2", "psoups")  # --example: examples/toy.py, smollm2.py, psoups.py
 
 # Named recipes: flag values for a kind of run, per stage; flags given explicitly override them. The paper's
 # values stay the defaults. "tiny" is for tiny models trained from scratch (the demo's two toy tasks): beta 2,
@@ -135,8 +135,9 @@ class TrainConfig(prlhf.PDPOConfig):
     example: str = option("none", "run a built-in example end to end instead: toy, the demo of conflicting length "
                           "preferences (what `python train.py` alone runs); toy-style, three groups who want "
                           "different styles; smollm2, the same experiment on the real SmolLM2-135M-Instruct "
-                          "(convert it once with tools/smollm2.py; --model overrides where it is); with --seed, "
-                          "--out, --quiet, --precision (default: fp32 for the toy tasks, auto for smollm2)",
+                          "(convert it once with tools/smollm2.py; --model overrides where it is); psoups, the paper's second "
+                          "experiment (users who want different styles) on SmolLM2; with --seed, --out, --quiet, "
+                          "--precision (default: fp32 for the toy tasks, auto for smollm2 and psoups)",
                           choices=["none", *EXAMPLES])
 
     @classmethod
