@@ -11,18 +11,18 @@ Equation -> function:
     uniform e_u = e (or nothing)                                    UniformUserModel
     individual e_i = e_0 + o_i (or o_i)                             IndividualUserModel
     cluster e_i = sum_k softmax(w_i)_k c_k                          ClusterUserModel
-    [BOS] [e_u] [user text] [prompt] [response]                     embed_with_user_prefix
+    [BOS] [e_u] [user text] [prompt] [response]                     embed_with_user_prefix, user_conditioned_hidden
+    log pi(y | x, u) = sum_t log p(y_t | BOS, e_u, x, y_<t)         response_logps (policy_logps, reference_logps)
     ... [prompt] [y_w] [y_l] in one row, y_l masked from y_w         shared_prompt_rows, shared_prompt_attention
-    log pi(y | x, u) = sum_t log p(y_t | BOS, e_u, x, y_<t)         response_logps
     per-pair loss of h: DPO, conservative DPO, IPO                  preference_loss
     alpha * l(e_u) + (1 - alpha) * l(e_0)                           mix_terms
-    P-DPO, eq. (pdpo): h_u, h_0, the alpha mix, + lambda * NLL       pdpo_loss
+    P-DPO, eq. (pdpo): h_u, h_0, the alpha mix                      pdpo_loss
     r(x, y, u) = beta * (log pi(y|x,u) - log pi_ref(y|x))           pdpo_loss (chosen_rewards, ...)
     reward model r_phi(x, y, u) at the last response token         RewardHead, personalized_rewards
     P-RM: -log sigmoid(r(x,y_w,u) - r(x,y_l,u)), mixed by alpha    prm_loss
     vanilla DPO = uniform model without embedding, alpha = 1       PDPOConfig.vanilla, VANILLA_DPO
+    beyond the paper: + lambda * NLL + mu * decision term           nll_term, decision_term, pdpo_objective
     one batch of eq. (pdpo), its generic-sampling estimator        pdpo_step (training, scoring, new users)
-    one batch of P-RM                                              prm_step
 
 The choices that change an equation live in PDPOConfig, once: the user model, T_u, alpha, beta, the
 family member (`loss`), cDPO's epsilon, IPO's per-token averaging (`average_logps`), whether the user's
@@ -30,8 +30,9 @@ text is in the rows (`use_user_text`), generic sampling; and one that changes no
 shared-prompt rows (`shared_prompt`).
 
 Reading order: registry, user models (initialization, the three kinds, factory, saving), personalized
-log-probabilities (one batched forward of two rows per pair; then shared-prompt rows, the same numbers
-from one row per pair), the configuration of an arm, objectives (P-DPO, P-RM).
+log-probabilities (two rows per pair, in one batched forward), shared-prompt rows (the same numbers from one
+row per pair), the configuration of an arm, P-DPO, P-RM, then what goes beyond the paper and one batch of
+P-DPO with it.
 """
 from __future__ import annotations
 
@@ -347,126 +348,87 @@ def user_conditioned_hidden(model, user_model, input_ids: torch.Tensor, user_row
     return hidden[:, T_u:]  # (N, T, d)
 
 
-def response_token_logps(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor,
-                         response_mask: torch.Tensor) -> torch.Tensor:
-    """log p(y_t | BOS, e_u, x, y_<t) per response token: (N, T - 1), zero where nothing is scored.
+def response_logps(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
+                   average: bool = False, return_token_logps: bool = False):
+    """log pi(y | x, u) = sum_t log p(y_t | BOS, e_u, x, y_<t), over response tokens only: (N,).
 
     hidden (N, T, d), hidden[:, t] predicting input_ids[:, t + 1]; response_mask (N, T) True at response
     tokens (pads and prompt are never scored). The LM head runs only at the positions that predict a
     response token, and the log-softmax is taken in float32 as logit - logsumexp: no (N, T, V) tensor.
+    average=True gives the mean over the response tokens instead of the sum (TRL's IPO normalization).
+    return_token_logps=True also returns the per-token terms, (N, T - 1), zero where nothing is scored.
     """
     predicts_response = response_mask[:, 1:]  # (N, T - 1): position t predicts token t + 1
     targets = input_ids[:, 1:][predicts_response]  # (n,) response tokens of all rows
     logits = lm_head(hidden[:, :-1][predicts_response]).float()  # (n, V)
     token_logps = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(dim=-1)  # (n,)
-    return token_logps.new_zeros(predicts_response.shape).masked_scatter(predicts_response, token_logps)
+    token_logps = token_logps.new_zeros(predicts_response.shape).masked_scatter(predicts_response, token_logps)
+    logps = token_logps.sum(dim=-1)  # (N,)
+    if average:
+        logps = logps / predicts_response.sum(dim=-1).clamp(min=1)
+    return (logps, token_logps) if return_token_logps else logps
 
 
-def response_logps(lm_head, hidden: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor,
-                   average: bool = False) -> torch.Tensor:
-    """log pi(y | x, u) = sum_t log p(y_t | BOS, e_u, x, y_<t), over response tokens only: (N,).
+TERMS = {"policy": ("policy_chosen_logps", "policy_rejected_logps"),  # e_u: each pair's own user
+         "generic": ("generic_chosen_logps", "generic_rejected_logps")}  # e_0: eq. (pdpo)'s generic term
 
-    average=True gives the mean over the response tokens instead of the sum (TRL's IPO normalization).
+
+def policy_rows(batch: dict, alpha: float, user_model) -> tuple[torch.Tensor, dict]:
+    """Which user embedding each policy row gets: personalized rows (each pair's own user) when alpha > 0,
+    then generic rows (row 0, e_0) when alpha < 1; each block is 2B rows, the chosen then the rejected.
+
+    Returns user_rows (n*2B,) and {term: its block}. The uniform model gives every user e_0, so there one
+    block serves both terms. Generic rows keep any user text: only the implicit embedding becomes e_0, as
+    for an unseen user who describes themselves.
     """
-    return sum_response(response_token_logps(lm_head, hidden, input_ids, response_mask), response_mask, average)
-
-
-def sum_response(token_logps: torch.Tensor, response_mask: torch.Tensor, average: bool = False) -> torch.Tensor:
-    """(N, T - 1) per-token log-probs -> (N,) their sum over the response (or mean, average=True)."""
-    logps = token_logps.sum(dim=-1)
-    return logps / response_mask[:, 1:].sum(dim=-1).clamp(min=1) if average else logps
-
-
-def decision_margins(token_logps: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
-    """Per pair, the policy's own choice where y_w and y_l first part: (B,) (beyond the paper, see
-    PDPOConfig.decision_weight).
-
-        t* = the first response position where y_w and y_l hold different tokens
-        m  = log p(y_w[t*] | x, e, y_<t*) - log p(y_l[t*] | x, e, y_<t*)
-
-    Both responses have the same context up to t* (same prefix, same user), so m is the difference of the two
-    tokens' logits there: m > 0 where greedy decoding, having followed the shared words, takes y_w's branch
-    over y_l's. token_logps, input_ids, response_mask: 2B rows, chosen then rejected (response_token_logps'
-    layout: (2B, T - 1) against ids and mask of (2B, T)). A pair whose responses never differ at a position
-    both score gets m = +inf: no term, no gradient.
-    """
-    ids_w, ids_l = input_ids[:, 1:].chunk(2)  # (B, T - 1) each: the token each position predicts
-    scored_w, scored_l = response_mask[:, 1:].chunk(2)
-    parts = scored_w & scored_l & (ids_w != ids_l)  # (B, T - 1)
-    t_star = parts.int().argmax(dim=-1, keepdim=True)  # (B, 1): the first True (0 where there is none)
-    logps_w, logps_l = token_logps.chunk(2)
-    margins = (logps_w.gather(-1, t_star) - logps_l.gather(-1, t_star)).squeeze(-1)  # (B,)
-    return torch.where(parts.any(dim=-1), margins, torch.full_like(margins, math.inf))
-
-
-def policy_rows(batch: dict, alpha: float, user_model) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-    """Everything one training step asks of the policy, stacked for one forward pass.
-
-    The personalized term (user rows, e_u) is needed when alpha > 0, the generic term (row 0, e_0) when
-    alpha < 1: 2B rows for alpha in {0, 1}, 4B rows in between. The uniform model gives every user e_0,
-    so there one block of 2B rows serves both terms. The generic rows keep any user text: only the
-    implicit embedding becomes e_0, as for an unseen user who describes themselves.
-    Returns input_ids (n*2B, T), response_mask (n*2B, T), user_rows (n*2B,) and, per block of 2B rows,
-    the terms it serves.
-    """
-    input_ids, response_mask = batch["policy_input_ids"], batch["policy_response_mask"]  # (2B, T) each
     rows = batch["user_rows"].repeat(2)  # (2B,): the chosen rows, then the rejected rows
-    needed = (["policy"] if alpha > 0 else []) + (["generic"] if alpha < 1 else [])
-    blocks = [needed] if isinstance(user_model, UniformUserModel) else [[term] for term in needed]
-    user_rows = torch.cat([rows if block[0] == "policy" else torch.zeros_like(rows) for block in blocks])  # (n*2B,)
-    n = len(blocks)
-    return input_ids.repeat(n, 1), response_mask.repeat(n, 1), user_rows, blocks  # (n*2B, T), (n*2B, T)
+    terms = (["policy"] if alpha > 0 else []) + (["generic"] if alpha < 1 else [])
+    if isinstance(user_model, UniformUserModel):
+        return rows, dict.fromkeys(terms, 0)
+    user_rows = torch.cat([rows if term == "policy" else torch.zeros_like(rows) for term in terms])  # (n*2B,)
+    return user_rows, {term: block for block, term in enumerate(terms)}
 
 
-def split_terms(values: torch.Tensor, blocks: list, names: dict) -> dict:
-    """(n*2B,) -> {name: (B,)}: chosen and rejected of each term a block serves; None for the others."""
-    chunks = values.chunk(2 * len(blocks))  # [block 0 chosen, block 0 rejected, block 1 chosen, ...]
+def split_terms(values: torch.Tensor, blocks: dict, names: dict) -> dict:
+    """(n*2B, ...) -> {name: (B, ...)}: the chosen and rejected rows of each term's block; None for absent terms."""
+    chunks = values.chunk(2 * (max(blocks.values()) + 1))  # [block 0 chosen, block 0 rejected, block 1 chosen, ...]
     out = dict.fromkeys(names["policy"] + names["generic"])
-    for i, block in enumerate(blocks):
-        for term in block:
-            out[names[term][0]], out[names[term][1]] = chunks[2 * i], chunks[2 * i + 1]
+    for term, block in blocks.items():
+        out[names[term][0]], out[names[term][1]] = chunks[2 * block], chunks[2 * block + 1]
     return out
 
 
-def policy_hidden(model, user_model, batch: dict, alpha: float, shared_prompt: bool):
-    """policy_rows' final hidden states (n*2B, T, d), from those rows or from shared-prompt rows (the same
-    numbers), with the rows' input_ids (n*2B, T), response_mask (n*2B, T) and blocks."""
-    input_ids, response_mask, user_rows, blocks = policy_rows(batch, alpha, user_model)
+def policy_hidden(model, user_model, batch: dict, user_rows: torch.Tensor, shared_prompt: bool) -> torch.Tensor:
+    """Final hidden states (n*2B, T, d) of the batch's rows, n blocks of them with user_rows (n*2B,):
+    user_conditioned_hidden, or the same numbers from one shared-prompt row per pair (shared_prompt_hidden)."""
+    input_ids = batch["policy_input_ids"]  # (2B, T)
     if shared_prompt:
-        hidden = shared_prompt_hidden(model, user_model, batch["policy_input_ids"], batch["policy_response_mask"],
-                                      user_rows)  # (n*2B, T, d)
-    else:
-        hidden = user_conditioned_hidden(model, user_model, input_ids, user_rows)  # (n*2B, T, d)
-    return hidden, input_ids, response_mask, blocks
-
-
-LOGP_NAMES = {"policy": ("policy_chosen_logps", "policy_rejected_logps"),
-              "generic": ("generic_chosen_logps", "generic_rejected_logps")}
-
-
-DECISION_NAMES = {"policy": "policy_decision_margins", "generic": "generic_decision_margins"}
+        return shared_prompt_hidden(model, user_model, input_ids, batch["policy_response_mask"], user_rows)
+    n = user_rows.shape[0] // input_ids.shape[0]
+    return user_conditioned_hidden(model, user_model, input_ids.repeat(n, 1), user_rows)  # (n*2B, T, d)
 
 
 def policy_logps(model, user_model, batch: dict, alpha: float, average: bool = False,
-                 shared_prompt: bool = False, decisions: bool = False) -> dict:
+                 shared_prompt: bool = False, return_token_logps: bool = False) -> dict:
     """log pi(y_w | x, u), log pi(y_l | x, u) and, for eq. (pdpo)'s generic term, the same with e_0.
 
-    One forward of 2B or 4B rows (see policy_rows), or of B or 2B shared-prompt rows with shared_prompt
-    (shared_prompt_hidden: the same numbers). Returns a dict of (B,) tensors
-    policy_chosen_logps, policy_rejected_logps (None when alpha == 0) and generic_chosen_logps,
-    generic_rejected_logps (None when alpha == 1). For evaluation use alpha=1: unknown users already
-    have row 0. average: mean over response tokens instead of the sum (for IPO). decisions: also
-    policy_decision_margins and generic_decision_margins (decision_margins; None for an absent term).
+    One forward of 2B or 4B rows (policy_rows). Returns a dict of (B,) tensors policy_chosen_logps,
+    policy_rejected_logps (None when alpha == 0) and generic_chosen_logps, generic_rejected_logps (None
+    when alpha == 1). For evaluation use alpha=1: unknown users already have row 0. average: the mean over
+    response tokens instead of the sum (IPO). shared_prompt: the same numbers from one row per pair.
+    return_token_logps: also policy_token_logps and generic_token_logps, (2B, T - 1) each, the chosen
+    rows then the rejected rows (for the decision term, beyond the paper).
     """
-    hidden, input_ids, response_mask, blocks = policy_hidden(model, user_model, batch, alpha, shared_prompt)
-    token_logps = response_token_logps(model.output, hidden, input_ids, response_mask)  # (n*2B, T - 1)
-    out = split_terms(sum_response(token_logps, response_mask, average), blocks, LOGP_NAMES)
-    if decisions:  # PDPOConfig.decision_weight's margins, (B,) per term
-        out.update(dict.fromkeys(DECISION_NAMES.values()))
-        n = len(blocks)
-        for block, rows in zip(blocks, zip(token_logps.chunk(n), input_ids.chunk(n), response_mask.chunk(n))):
-            for term in block:
-                out[DECISION_NAMES[term]] = decision_margins(*rows)
+    user_rows, blocks = policy_rows(batch, alpha, user_model)  # (n*2B,)
+    hidden = policy_hidden(model, user_model, batch, user_rows, shared_prompt)  # (n*2B, T, d)
+    n = max(blocks.values()) + 1
+    input_ids, response_mask = batch["policy_input_ids"].repeat(n, 1), batch["policy_response_mask"].repeat(n, 1)
+    logps, token_logps = response_logps(model.output, hidden, input_ids, response_mask, average,
+                                        return_token_logps=True)  # (n*2B,), (n*2B, T - 1)
+    out = split_terms(logps, blocks, TERMS)
+    if return_token_logps:  # per term, its block's (2B, T - 1): the chosen rows, then the rejected rows
+        for term in TERMS:
+            out[f"{term}_token_logps"] = token_logps.chunk(n)[blocks[term]] if term in blocks else None
     return out
 
 
@@ -614,10 +576,7 @@ class PDPOConfig:
                             choices=["vocab", "uniform"])
     user_init_range: float = option(0.5, "r of --user-init uniform")
     alpha: float = option(0.5, "alpha, weight of the personalized term (1 - alpha: generic e_0)")
-    generic_delay: float = option(0.0, "beyond the paper: for this fraction of training alpha = 1 (the personalized "
-                                  "term alone), then --alpha. The generic term asks one e_0 to rank every user's "
-                                  "pairs, so it settles on the majority and, through e_u = e_0 + o_u and the shared "
-                                  "LM, pulls every user there before their own embeddings take hold "
+    generic_delay: float = option(0.0, "beyond the paper: alpha = 1 for this fraction of training, then --alpha "
                                   "(docs/user_embeddings.md); 0 = the paper's loss from the start")
     beta: float = option(0.5, "beta, strength of the KL tie to the reference model (IPO: tau)")
     loss: str = option("dpo", "P-*PO family member: DPO, conservative DPO, IPO", choices=list(LOSS_TYPES))
@@ -626,13 +585,9 @@ class PDPOConfig:
                                     "generic term: an unbiased estimate of eq. (pdpo) at vanilla-DPO cost")
     shared_prompt: bool = option(True, "one row per pair, [prompt] [y_w] [y_l] with y_l masked from y_w: the "
                                  "prompt runs once instead of twice (same log-probs as two rows)")
-    nll_weight: float = option(0.0, "lambda, weight of an NLL term on the chosen responses, mixed by alpha like "
-                               "eq. (pdpo) (beyond the paper: keeps generations fluent; 0 = the paper's loss)")
-    decision_weight: float = option(0.0, "beyond the paper: weight mu of a term -log sigmoid(m) on the policy's own "
-                                    "choice where y_w and y_l first differ (m: y_w's token's log-prob minus "
-                                    "y_l's, same context), mixed by alpha. The implicit reward ranks a pair against "
-                                    "the reference, so it can be right while greedy decoding still takes y_l's "
-                                    "branch (docs/user_embeddings.md); 0 = the paper's loss")
+    nll_weight: float = option(0.0, "beyond the paper: lambda, weight of an NLL term on y_w (docs/user_embeddings.md)")
+    decision_weight: float = option(0.0, "beyond the paper: mu, weight of a term on the first token where y_w and y_l "
+                                    "part (docs/user_embeddings.md)")
 
     def __post_init__(self):
         if self.user_model not in USER_MODEL_KINDS:
@@ -677,10 +632,6 @@ class PDPOConfig:
         """Whether the policy's rows carry the user's text: [BOS] [e_u] [user text] [prompt] ..."""
         return self.user_info != "implicit"
 
-    def alpha_at(self, progress: float) -> float:
-        """alpha at `progress` (0 to 1) through training: 1 for the first generic_delay of it, then alpha."""
-        return 1.0 if progress < self.generic_delay else self.alpha
-
     def personalized(self) -> "PDPOConfig":
         """The personalized term alone (alpha = 1): how pairs are scored, and how a new user is fitted."""
         return replace(self, alpha=1.0, generic_sampling=False)
@@ -693,10 +644,8 @@ class PDPOConfig:
                                init_range=self.user_init_range, token_embedding=token_embedding, seed=seed)
 
 
-# Vanilla DPO: the uniform user model without embedding, alpha = 1. The decision term stays off: with one model for
-# users who disagree, the first tokens where y_w and y_l part ask for opposite choices, and pushing them both ways
-# left the demo's vanilla DPO answering with run-on text (length toy, seed 3: 0.000 of 280 answers clean at lambda 1,
-# 0.964 without the term; docs/experiments/toy.md).
+# Vanilla DPO: the uniform user model without embedding, alpha = 1. The decision term stays off: for users who
+# disagree it pulls the same tokens both ways (docs/experiments/toy.md, 2026-12-07).
 VANILLA_DPO = dict(user_model="uniform", n_user_tokens=0, alpha=1.0, decision_weight=0.0)
 
 
@@ -748,121 +697,44 @@ def check_alpha_terms(alpha: float, personalized, generic, what: str) -> None:
                          f"(computed by the same call with the same alpha)")
 
 
+def log_ratio(logps, reference_logps):
+    """log pi(y|x,e) - log pi_ref(y|x) per pair, (B,); None for an absent term."""
+    return None if logps is None else logps - reference_logps
+
+
 def pdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
               generic_chosen_logps=None, generic_rejected_logps=None, *, alpha: float, beta: float,
-              loss_type: str = "dpo", label_smoothing: float = 0.0, nll_weight: float = 0.0,
-              chosen_tokens: torch.Tensor | None = None, decision_weight: float = 0.0,
-              policy_decision_margins=None, generic_decision_margins=None) -> dict:
+              loss_type: str = "dpo", label_smoothing: float = 0.0) -> dict:
     """P-DPO, eq. (pdpo), per pair (all inputs (B,)):
 
         h_u = beta * [ (log pi(y_w|x,e_u) - log pi_ref(y_w|x)) - (log pi(y_l|x,e_u) - log pi_ref(y_l|x)) ]
         h_0 = the same with the generic embedding e_0
         L   = -[ alpha * log sigmoid(h_u) + (1 - alpha) * log sigmoid(h_0) ]
-              + lambda * [ alpha * (-log pi(y_w|x,e_u) / |y_w|) + (1 - alpha) * (-log pi(y_w|x,e_0) / |y_w|) ]
-              + mu * [ alpha * (-log sigmoid(m_u)) + (1 - alpha) * (-log sigmoid(m_0)) ]
 
-    -log sigmoid(h) is the DPO member of the family; loss_type "cdpo" / "ipo" replaces it by
-    preference_loss's other members (label_smoothing is cDPO's eps). Both terms share the reference
-    log-probs. The second line, the NLL term on the chosen responses, is beyond the paper and off at
-    nll_weight = lambda = 0 (chosen_tokens = |y_w| per pair; ones when the log-probs are already per-token
-    means, as for IPO): DPO only asks y_w to gain on y_l, and both can lose likelihood together
-    ("likelihood displacement"), which a free user embedding does readily, so that the personalized
-    model's answers degrade while its pair accuracy stays perfect. Keeping y_w likely is the standard
-    remedy: RPO (Pang et al. 2024), TRL's "sft" loss term, LLaMA-Factory's pref_ftx, OpenRLHF's nll_loss_coef.
-    The third line, also beyond the paper and off at decision_weight = mu = 0, acts on the policy alone at
-    the one token where y_w and y_l part (m_u, m_0: decision_margins with e_u, e_0): the rewards compare log-ratios
-    to the reference, so a pair can be ranked right while the policy, decoding greedily, still prefers
-    y_l's token there; this term asks that it prefer y_w's.
-
-    A term whose weight is zero may be None (alpha = 1: no generic term; alpha = 0: no personalized one).
-    Returns (B,) tensors: losses (differentiable; take .mean()), nll (L_NLL, detached, None when lambda = 0),
-    decision (L_dec, detached, None when mu = 0),
-    and, detached, the implicit rewards r(x, y, u) = beta * (log pi(y|x,u) - log pi_ref(y|x)) chosen_rewards,
-    rejected_rewards, accuracies (chosen_reward > rejected_reward), and the generic term's
-    generic_chosen_rewards, generic_rejected_rewards, generic_accuracies. A term not given is None.
+    loss_type "cdpo" / "ipo" replace -log sigmoid(h) by preference_loss's other members. A term whose weight
+    is zero may be None. Returns (B,) tensors: losses; detached, the implicit rewards r(x, y, u) =
+    beta * (log pi(y|x,u) - log pi_ref(y|x)) chosen_rewards, rejected_rewards, accuracies, and e_0's
+    generic_chosen_rewards, generic_rejected_rewards, generic_accuracies (None for a term not given).
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r}: expected one of {', '.join(LOSS_TYPES)}")
     check_alpha_terms(alpha, policy_chosen_logps, generic_chosen_logps, "log-probs")
-    if nll_weight > 0 and chosen_tokens is None:
-        raise ValueError("nll_weight > 0 needs chosen_tokens, the number of response tokens of each y_w")
-    if decision_weight > 0:
-        check_alpha_terms(alpha, policy_decision_margins, generic_decision_margins, "decision margins")
+    u_w, u_l = log_ratio(policy_chosen_logps, reference_chosen_logps), log_ratio(policy_rejected_logps,
+                                                                                 reference_rejected_logps)  # e_u
+    g_w, g_l = log_ratio(generic_chosen_logps, reference_chosen_logps), log_ratio(generic_rejected_logps,
+                                                                                  reference_rejected_logps)  # e_0
 
-    def logratio(logps, reference_logps):  # log pi(y|x,e) - log pi_ref(y|x), None for an absent term
-        return None if logps is None else logps - reference_logps
+    def l(chosen, rejected):  # l(h), h = beta * (chosen - rejected log-ratio); -log sigmoid(h) for DPO
+        return None if chosen is None else preference_loss(chosen - rejected, beta=beta, loss_type=loss_type,
+                                                           label_smoothing=label_smoothing)
 
-    def per_token_nll(chosen_logps):  # -log pi(y_w|x,e) / |y_w|
-        return None if chosen_logps is None else -chosen_logps / chosen_tokens
-
-    def h_loss(chosen_logratios, rejected_logratios):  # l(h), h = beta * (chosen - rejected log-ratio)
-        if chosen_logratios is None:
-            return None
-        return preference_loss(chosen_logratios - rejected_logratios, beta=beta, loss_type=loss_type,
-                               label_smoothing=label_smoothing)
-
-    u_chosen = logratio(policy_chosen_logps, reference_chosen_logps)  # (B,): e_u
-    u_rejected = logratio(policy_rejected_logps, reference_rejected_logps)
-    g_chosen = logratio(generic_chosen_logps, reference_chosen_logps)  # (B,): e_0
-    g_rejected = logratio(generic_rejected_logps, reference_rejected_logps)
-    losses = mix_terms(h_loss(u_chosen, u_rejected), h_loss(g_chosen, g_rejected), alpha)  # alpha * l(h_u) + (1 - alpha) * l(h_0)
-    nll = None
-    if nll_weight > 0:  # + lambda * L_NLL, mixed by alpha like the preference terms
-        nll = mix_terms(per_token_nll(policy_chosen_logps), per_token_nll(generic_chosen_logps), alpha)
-        losses = losses + nll_weight * nll
-    decision = None
-    if decision_weight > 0:  # + mu * L_dec, mixed by alpha like the preference terms
-
-        def branch_loss(margins):  # -log sigmoid(m); a pair without a branch has m = +inf, so 0
-            return None if margins is None else -F.logsigmoid(margins)
-
-        decision = mix_terms(branch_loss(policy_decision_margins), branch_loss(generic_decision_margins), alpha)
-        losses = losses + decision_weight * decision
-
-    def reward(logratios):  # r(x, y, e) = beta * log-ratio, detached
-        return None if logratios is None else beta * logratios.detach()
-
-    chosen_rewards, rejected_rewards = reward(u_chosen), reward(u_rejected)
-    generic_chosen_rewards, generic_rejected_rewards = reward(g_chosen), reward(g_rejected)
-    return {"losses": losses, "nll": None if nll is None else nll.detach(),
-            "decision": None if decision is None else decision.detach(),
-            "chosen_rewards": chosen_rewards, "rejected_rewards": rejected_rewards,
-            "accuracies": accuracy(chosen_rewards, rejected_rewards),
-            "generic_chosen_rewards": generic_chosen_rewards, "generic_rejected_rewards": generic_rejected_rewards,
-            "generic_accuracies": accuracy(generic_chosen_rewards, generic_rejected_rewards)}
+    losses = mix_terms(l(u_w, u_l), l(g_w, g_l), alpha)  # alpha * l(h_u) + (1 - alpha) * l(h_0)
+    r_w, r_l, r0_w, r0_l = (None if x is None else beta * x.detach() for x in (u_w, u_l, g_w, g_l))  # r(x,y,e)
+    return {"losses": losses, "chosen_rewards": r_w, "rejected_rewards": r_l, "accuracies": accuracy(r_w, r_l),
+            "generic_chosen_rewards": r0_w, "generic_rejected_rewards": r0_l, "generic_accuracies": accuracy(r0_w, r0_l)}
 
 
 def accuracy(chosen_rewards, rejected_rewards):
     """Per pair 1.0 where r(x, y_w, u) > r(x, y_l, u), else 0.0 (ties count as wrong); None if absent."""
     return None if chosen_rewards is None else (chosen_rewards > rejected_rewards).float().detach()
-
-
-def pdpo_step(model, user_model, batch: dict, reference, cfg: PDPOConfig) -> dict:
-    """Eq. (pdpo) on one batch: policy log-probs (one forward), reference log-probs, then pdpo_loss.
-
-    reference(batch) -> (reference_chosen_logps, reference_rejected_logps), each (B,): a cache or a
-    no-grad pass. Training calls this with its config; scoring and new-user fitting with
-    cfg.personalized() (alpha = 1: each pair's own user). Returns pdpo_loss's dict.
-
-    Generic sampling, an estimator of eq. (pdpo) (cfg.generic_sampling, 0 < alpha < 1): each pair keeps
-    its personalized term with probability alpha, else takes its generic term (user row 0), so
-    E[loss] = alpha * l(e_u) + (1 - alpha) * l(e_0) from 2B rows instead of 4B.
-    """
-    alpha = cfg.alpha
-    if cfg.generic_sampling and 0 < alpha < 1:
-        keep = torch.rand(batch["user_rows"].shape) < alpha  # (B,)
-        batch = {**batch, "user_rows": batch["user_rows"] * keep.to(batch["user_rows"].device)}
-        alpha = 1.0
-    policy = policy_logps(model, user_model, batch, alpha, average=cfg.average_logps, shared_prompt=cfg.shared_prompt,
-                          decisions=cfg.decision_weight > 0)
-    reference_chosen_logps, reference_rejected_logps = reference(batch)
-    B = batch["user_rows"].shape[0]
-    chosen_tokens = batch["policy_response_mask"][:B].sum(-1)  # (B,): |y_w|, the chosen rows come first
-    return pdpo_loss(**policy, reference_chosen_logps=reference_chosen_logps,
-                     reference_rejected_logps=reference_rejected_logps, alpha=alpha, beta=cfg.beta,
-                     loss_type=cfg.loss, label_smoothing=cfg.label_smoothing, nll_weight=cfg.nll_weight,
-                     chosen_tokens=torch.ones_like(chosen_tokens) if cfg.average_logps else chosen_tokens,
-                     decision_weight=cfg.decision_weight)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -895,7 +767,9 @@ def personalized_rewards(model, head: RewardHead, user_model, batch: dict, alpha
     One forward of 2B or 4B rows (or shared-prompt rows), like policy_logps. Keys chosen_rewards,
     rejected_rewards (None when alpha == 0), generic_chosen_rewards, generic_rejected_rewards (None when alpha == 1).
     """
-    hidden, _, response_mask, blocks = policy_hidden(model, user_model, batch, alpha, shared_prompt)  # (n*2B, T, d)
+    user_rows, blocks = policy_rows(batch, alpha, user_model)  # (n*2B,)
+    hidden = policy_hidden(model, user_model, batch, user_rows, shared_prompt)  # (n*2B, T, d)
+    response_mask = batch["policy_response_mask"].repeat(max(blocks.values()) + 1, 1)  # (n*2B, T)
     return split_terms(head(hidden, response_mask), blocks, REWARD_NAMES)
 
 
@@ -924,3 +798,125 @@ def prm_loss(chosen_rewards, rejected_rewards, generic_chosen_rewards=None, gene
 def prm_step(model, head: RewardHead, user_model, batch: dict, alpha: float, shared_prompt: bool = False) -> dict:
     """P-RM on one batch: rewards of 2B or 4B rows in one forward, then prm_loss (alpha = 1 to score)."""
     return prm_loss(**personalized_rewards(model, head, user_model, batch, alpha, shared_prompt), alpha=alpha)
+
+
+# ----------------------------------------------------------------------------------------------
+# Beyond the paper: two terms that keep the greedy answers on the side the rewards rank higher, off by
+# default (lambda = mu = 0 is eq. (pdpo) exactly). Why, and what they changed: docs/user_embeddings.md.
+
+
+def nll_term(policy_chosen_logps, generic_chosen_logps, chosen_tokens, alpha: float) -> torch.Tensor:
+    """alpha * (-log pi(y_w|x,e_u) / |y_w|) + (1 - alpha) * (-log pi(y_w|x,e_0) / |y_w|), per pair (B,).
+
+    DPO only asks y_w to gain on y_l, and both can lose likelihood together ("likelihood displacement"), which a
+    free user embedding does readily; keeping y_w likely is the usual remedy (RPO, Pang et al. 2024; TRL's "sft"
+    loss term). chosen_tokens = |y_w| (ones when the log-probs are already per-token means, as for IPO).
+    """
+    def per_token_nll(chosen_logps):
+        return None if chosen_logps is None else -chosen_logps / chosen_tokens
+
+    return mix_terms(per_token_nll(policy_chosen_logps), per_token_nll(generic_chosen_logps), alpha)
+
+
+def decision_margins(token_logps: torch.Tensor, input_ids: torch.Tensor, response_mask: torch.Tensor) -> torch.Tensor:
+    """Per pair, the policy's own choice where y_w and y_l first part: (B,).
+
+        t* = the first response position where y_w and y_l hold different tokens
+        m  = log p(y_w[t*] | x, e, y_<t*) - log p(y_l[t*] | x, e, y_<t*)
+
+    Both responses have the same context up to t*, so m > 0 where greedy decoding, having followed the shared
+    words, takes y_w's branch. token_logps (2B, T - 1) (policy_logps' per-token terms), input_ids and
+    response_mask (2B, T): chosen rows, then rejected rows. A pair whose responses never differ at a position
+    both score gets m = +inf: no term, no gradient.
+    """
+    ids_w, ids_l = input_ids[:, 1:].chunk(2)  # (B, T - 1) each: the token each position predicts
+    scored_w, scored_l = response_mask[:, 1:].chunk(2)
+    parts = scored_w & scored_l & (ids_w != ids_l)  # (B, T - 1)
+    t_star = parts.int().argmax(dim=-1, keepdim=True)  # (B, 1): the first True (0 where there is none)
+    logps_w, logps_l = token_logps.chunk(2)
+    margins = (logps_w.gather(-1, t_star) - logps_l.gather(-1, t_star)).squeeze(-1)  # (B,)
+    return torch.where(parts.any(dim=-1), margins, torch.full_like(margins, math.inf))
+
+
+def decision_margins_by_term(policy: dict, batch: dict) -> dict:
+    """policy_decision_margins (e_u) and generic_decision_margins (e_0), (B,) each, from
+    policy_logps(..., return_token_logps=True); None for an absent term."""
+    ids, mask = batch["policy_input_ids"], batch["policy_response_mask"]  # (2B, T)
+    return {f"{term}_decision_margins": None if policy[f"{term}_token_logps"] is None
+            else decision_margins(policy[f"{term}_token_logps"], ids, mask) for term in TERMS}
+
+
+def decision_term(policy_decision_margins, generic_decision_margins, alpha: float) -> torch.Tensor:
+    """alpha * -log sigmoid(m_u) + (1 - alpha) * -log sigmoid(m_0), per pair (B,).
+
+    The rewards compare log-ratios to the reference, so a pair can be ranked right while the policy, decoding
+    greedily, still prefers y_l's token where the two part; this asks that it prefer y_w's. m = +inf adds 0.
+    """
+    def branch_loss(margins):
+        return None if margins is None else -F.logsigmoid(margins)
+
+    return mix_terms(branch_loss(policy_decision_margins), branch_loss(generic_decision_margins), alpha)
+
+
+def pdpo_objective(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                   generic_chosen_logps=None, generic_rejected_logps=None, *, alpha: float, beta: float,
+                   loss_type: str = "dpo", label_smoothing: float = 0.0, nll_weight: float = 0.0,
+                   chosen_tokens: torch.Tensor | None = None, decision_weight: float = 0.0,
+                   policy_decision_margins=None, generic_decision_margins=None) -> dict:
+    """What training minimizes: pdpo_loss + lambda * nll_term + mu * decision_term (lambda = nll_weight,
+    mu = decision_weight; both 0 by default, which is eq. (pdpo) alone).
+
+    Returns pdpo_loss's dict, with losses including the two terms, and nll, decision: their values per pair,
+    detached (None when their weight is 0).
+    """
+    if nll_weight > 0 and chosen_tokens is None:
+        raise ValueError("nll_weight > 0 needs chosen_tokens, the number of response tokens of each y_w")
+    if decision_weight > 0:
+        check_alpha_terms(alpha, policy_decision_margins, generic_decision_margins, "decision margins")
+    out = pdpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                    generic_chosen_logps, generic_rejected_logps, alpha=alpha, beta=beta, loss_type=loss_type,
+                    label_smoothing=label_smoothing)
+    losses, nll, decision = out["losses"], None, None
+    if nll_weight > 0:
+        nll = nll_term(policy_chosen_logps, generic_chosen_logps, chosen_tokens, alpha)
+        losses = losses + nll_weight * nll
+    if decision_weight > 0:
+        decision = decision_term(policy_decision_margins, generic_decision_margins, alpha)
+        losses = losses + decision_weight * decision
+    return {**out, "losses": losses, "nll": None if nll is None else nll.detach(),
+            "decision": None if decision is None else decision.detach()}
+
+
+# ----------------------------------------------------------------------------------------------
+# One batch of P-DPO: what training, scoring and new-user fitting call
+
+
+def pdpo_step(model, user_model, batch: dict, reference, cfg: PDPOConfig) -> dict:
+    """Eq. (pdpo) on one batch: policy log-probs (one forward), reference log-probs, then pdpo_objective
+    (pdpo_loss, plus cfg's terms beyond the paper when their weights are above 0).
+
+    reference(batch) -> (reference_chosen_logps, reference_rejected_logps), each (B,): a cache or a
+    no-grad pass. Training calls this with its config; scoring and new-user fitting with
+    cfg.personalized() (alpha = 1: each pair's own user). Returns pdpo_objective's dict.
+
+    Generic sampling, an estimator of eq. (pdpo) (cfg.generic_sampling, 0 < alpha < 1): each pair keeps
+    its personalized term with probability alpha, else takes its generic term (user row 0), so
+    E[loss] = alpha * l(e_u) + (1 - alpha) * l(e_0) from 2B rows instead of 4B.
+    """
+    alpha = cfg.alpha
+    if cfg.generic_sampling and 0 < alpha < 1:
+        keep = torch.rand(batch["user_rows"].shape) < alpha  # (B,)
+        batch = {**batch, "user_rows": batch["user_rows"] * keep.to(batch["user_rows"].device)}
+        alpha = 1.0
+    decisions = cfg.decision_weight > 0
+    policy = policy_logps(model, user_model, batch, alpha, average=cfg.average_logps, shared_prompt=cfg.shared_prompt,
+                          return_token_logps=decisions)
+    margins = decision_margins_by_term(policy, batch) if decisions else {}
+    reference_chosen_logps, reference_rejected_logps = reference(batch)
+    B = batch["user_rows"].shape[0]
+    chosen_tokens = batch["policy_response_mask"][:B].sum(-1)  # (B,): |y_w|, the chosen rows come first
+    return pdpo_objective(*(policy[name] for name in TERMS["policy"]), reference_chosen_logps, reference_rejected_logps,
+                          *(policy[name] for name in TERMS["generic"]), alpha=alpha, beta=cfg.beta,
+                          loss_type=cfg.loss, label_smoothing=cfg.label_smoothing, nll_weight=cfg.nll_weight,
+                          chosen_tokens=torch.ones_like(chosen_tokens) if cfg.average_logps else chosen_tokens,
+                          decision_weight=cfg.decision_weight, **margins)

@@ -82,7 +82,38 @@ def report_markdown(results: dict, data_file, pairs: list[data.Pair], notes: lis
 
 
 # ----------------------------------------------------------------------------------------------
-# Do the users take hold? What train.py logs per step (metrics.jsonl) and where the LM looks
+# Do the users take hold? What train.py logs per step (metrics.jsonl: measured here, rendered below) and
+# where the LM looks
+
+
+def accuracy_by(pairs: list, key: int) -> dict:
+    """Training accuracy per user (key 0) or group (key 1) over (user, group, correct) of one step."""
+    by = {}
+    for pair in pairs:
+        by.setdefault(str(pair[key]), []).append(pair[2])
+    return {k: sum(v) / len(v) for k, v in sorted(by.items())}
+
+
+@torch.no_grad()
+def user_model_norms(user_model) -> dict:
+    """Whether the users take hold (docs/user_embeddings.md): ||e_0||, the mean ||e_u - e_0|| over known users
+    (the offsets o_u of the individual model), and gradient norms before clipping; a per-user table's
+    gradient is split into row 0 (e_0 or w_0) and the mean over the known users' rows."""
+    if user_model is None or user_model.n_user_tokens == 0:
+        return {}
+    e = user_model(torch.arange(user_model.n_users + 1, device=next(user_model.parameters()).device))
+    e = e.flatten(1).float()  # (N + 1, T_u * d)
+    out = {"e0_norm": e[0].norm().item(), "offset_norm": (e[1:] - e[0]).norm(dim=1).mean().item()}
+    for name, param in user_model.named_parameters():
+        if param.grad is None:
+            continue
+        grad = param.grad.float().reshape(param.shape[0], -1)  # (rows, rest)
+        if param.shape[0] == user_model.n_users + 1:
+            out[f"grad_{name}_row0"] = grad[0].norm().item()
+            out[f"grad_{name}_users"] = grad[1:].norm(dim=1).mean().item()
+        else:
+            out[f"grad_{name}"] = grad.norm().item()
+    return out
 
 
 def read_training(run_dir) -> list[dict]:

@@ -340,6 +340,27 @@ def rng_state() -> dict:
     return rng
 
 
+@contextlib.contextmanager
+def stopping_cleanly(out: Path, bar, sharded: bool, save_checkpoint):
+    """Around the training loop: Ctrl-C writes checkpoint/ at the last step boundary (save_checkpoint(), which
+    returns that step) and exits 130 saying how to --resume; a non-finite loss (FloatingPointError) stops with
+    the last good checkpoint kept. Under FSDP, Ctrl-C keeps the last --save-every checkpoint (gathering shards
+    needs every rank)."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        bar.close()
+        if sharded:
+            fail(f"interrupted: the last --save-every checkpoint in {out}/checkpoint is kept")
+        step = save_checkpoint()
+        print(f"\ninterrupted: checkpoint saved at step {step} in {out}/checkpoint; continue with --resume",
+              file=sys.stderr)
+        sys.exit(130)
+    except FloatingPointError as e:
+        bar.close()
+        fail(f"{e}; stopped; the last good checkpoint in {out}/checkpoint is kept")
+
+
 def save_checkpoint(out: Path, trainables: dict, opt: dict, scaler, state: dict, rng: dict):
     """trainables: name -> full tensor; opt: optimizer.state_dict(), or the same gathered from FSDP shards."""
     new, cur, old = out / "checkpoint.new", out / "checkpoint", out / "checkpoint.old"

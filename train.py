@@ -39,6 +39,7 @@ import distributed
 import eval as evaluation
 import model as lm
 import prlhf
+import report
 import runs
 from prlhf import option
 
@@ -191,7 +192,7 @@ def parse_args(argv=None) -> TrainConfig:
 
 
 # ----------------------------------------------------------------------------------------------
-# Learning rate: linear warm-up, then cosine decay to zero (the reference code's schedule)
+# Schedules: the learning rate, linear warm-up then cosine decay to zero (the reference code's); alpha
 
 
 def get_lr(step: int, total_steps: int, warmup_steps: int, peak: float) -> float:
@@ -199,6 +200,12 @@ def get_lr(step: int, total_steps: int, warmup_steps: int, peak: float) -> float
         return peak * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def get_alpha(step: int, total_steps: int, generic_delay: float, alpha: float) -> float:
+    """alpha of eq. (pdpo) at this step: 1 (the personalized term alone) for the first generic_delay of training,
+    then alpha (--generic-delay, beyond the paper: docs/user_embeddings.md)."""
+    return 1.0 if step / total_steps < generic_delay else alpha
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,13 +219,36 @@ def autocast_ctx(cfg: TrainConfig, device: str):
     return torch.autocast(device_type=device.split(":")[0], dtype=dtype)
 
 
-def sft_loss(model, batch):
+def sft_loss(t, batch, alpha=None):
     """Next-token cross-entropy on response tokens only (the prompt is context, not a target)."""
     ids, mask = batch["input_ids"], batch["response_mask"]
-    logits = model(ids)[:, :-1]  # (B, T-1, V): position t predicts token t+1
+    logits = t.model(ids)[:, :-1]  # (B, T-1, V): position t predicts token t+1
     targets = ids[:, 1:].masked_fill(~mask[:, 1:], -100)
     loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
     return loss, {}
+
+
+def pdpo_batch_loss(t, batch, alpha: float):
+    """P-DPO for one batch (prlhf.pdpo_step) at this step's alpha: its mean loss, accuracy and reward margin, and
+    each pair's (user, group, ranked right by the personalized term), for the per-user accuracy in metrics.jsonl."""
+    out = prlhf.pdpo_step(t.model, t.user_model, batch, t.reference, dataclasses.replace(t.cfg, alpha=alpha))
+    term = "" if out["accuracies"] is not None else "generic_"  # alpha = 0 trains e_0 alone: report its term
+    margin = (out[f"{term}chosen_rewards"] - out[f"{term}rejected_rewards"]).mean()
+    metrics = {"accuracy": out[f"{term}accuracies"].mean().item(), "margin": margin.item(), "alpha": alpha}
+    for extra in ("nll", "decision"):  # the terms beyond the paper, when their weight is above 0
+        if out[extra] is not None:
+            metrics[extra] = out[extra].mean().item()
+    metrics["pairs"] = list(zip(batch["users"], batch["groups"], out[f"{term}accuracies"].tolist()))
+    return out["losses"].mean(), metrics
+
+
+def prm_batch_loss(t, batch, alpha: float):
+    out = prlhf.prm_step(t.model, t.head, t.user_model, batch, alpha, shared_prompt=t.cfg.shared_prompt)
+    accuracies = out["accuracies"] if alpha > 0 else out["generic_accuracies"]
+    return out["losses"].mean(), {"accuracy": accuracies.float().mean().item()}
+
+
+BATCH_LOSS = {"sft": sft_loss, "pdpo": pdpo_batch_loss, "prm": prm_batch_loss}  # (t, batch, alpha) -> loss, metrics
 
 
 def mean_over(cfg, batch) -> int:
@@ -226,57 +256,6 @@ def mean_over(cfg, batch) -> int:
     if cfg.stage == "sft":
         return int(batch["response_mask"][:, 1:].sum())
     return len(batch["index"])
-
-
-def pdpo_batch_loss(cfg, model, user_model, batch, reference):
-    """P-DPO for one batch (prlhf.pdpo_step): its mean loss, accuracy and reward margin, and each pair's
-    (user, group, ranked right by the personalized term), for the per-user accuracy in metrics.jsonl."""
-    out = prlhf.pdpo_step(model, user_model, batch, reference, cfg)
-    term = "" if out["accuracies"] is not None else "generic_"  # alpha = 0 trains e_0 alone: report its term
-    margin = (out[f"{term}chosen_rewards"] - out[f"{term}rejected_rewards"]).mean()
-    metrics = {"accuracy": out[f"{term}accuracies"].mean().item(), "margin": margin.item(), "alpha": cfg.alpha}
-    if out["nll"] is not None:  # --nll-weight > 0: the NLL term's value, per token of y_w
-        metrics["nll"] = out["nll"].mean().item()
-    if out["decision"] is not None:  # --decision-weight > 0: the decision term's value
-        metrics["decision"] = out["decision"].mean().item()
-    metrics["pairs"] = list(zip(batch["users"], batch["groups"], out[f"{term}accuracies"].tolist()))
-    return out["losses"].mean(), metrics
-
-
-def accuracy_by(pairs: list, key: int) -> dict:
-    """Training accuracy per user (key 0) or group (key 1) over (user, group, correct) of one step."""
-    by = {}
-    for pair in pairs:
-        by.setdefault(str(pair[key]), []).append(pair[2])
-    return {k: sum(v) / len(v) for k, v in sorted(by.items())}
-
-
-@torch.no_grad()
-def user_model_norms(user_model) -> dict:
-    """Whether the users take hold (docs/user_embeddings.md): ||e_0||, the mean ||e_u - e_0|| over known users
-    (the offsets o_u of the individual model), and gradient norms before clipping; a per-user table's
-    gradient is split into row 0 (e_0 or w_0) and the mean over the known users' rows."""
-    if user_model is None or user_model.n_user_tokens == 0:
-        return {}
-    e = user_model(torch.arange(user_model.n_users + 1, device=next(user_model.parameters()).device))
-    e = e.flatten(1).float()  # (N + 1, T_u * d)
-    out = {"e0_norm": e[0].norm().item(), "offset_norm": (e[1:] - e[0]).norm(dim=1).mean().item()}
-    for name, param in user_model.named_parameters():
-        if param.grad is None:
-            continue
-        grad = param.grad.float().reshape(param.shape[0], -1)  # (rows, rest)
-        if param.shape[0] == user_model.n_users + 1:
-            out[f"grad_{name}_row0"] = grad[0].norm().item()
-            out[f"grad_{name}_users"] = grad[1:].norm(dim=1).mean().item()
-        else:
-            out[f"grad_{name}"] = grad.norm().item()
-    return out
-
-
-def prm_batch_loss(cfg, model, user_model, head, batch):
-    out = prlhf.prm_step(model, head, user_model, batch, cfg.alpha, shared_prompt=cfg.shared_prompt)
-    accuracies = out["accuracies"] if cfg.alpha > 0 else out["generic_accuracies"]
-    return out["losses"].mean(), {"accuracy": accuracies.float().mean().item()}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -376,15 +355,11 @@ class Training:
     timing: dict
     scaler: torch.amp.GradScaler | None = None  # set by `train`, next to the loop
     state: dict | None = None  # step, epoch, batch: where the loop is (or resumed)
-
-    def batch_loss(self, batch):
-        """The stage's mean loss over one micro-batch, and its metrics."""
-        if self.cfg.stage == "sft":
-            return sft_loss(self.model, batch)
-        if self.cfg.stage == "pdpo":  # alpha may start at 1 (--generic-delay, beyond the paper)
-            cfg = dataclasses.replace(self.cfg, alpha=self.cfg.alpha_at(self.state["step"] / self.total_steps))
-            return pdpo_batch_loss(cfg, self.model, self.user_model, batch, self.reference)
-        return prm_batch_loss(self.cfg, self.model, self.user_model, self.head, batch)
+    batches: list | None = None  # this epoch's global batches, as item indices (next_batch)
+    boundary: tuple | None = None  # (state, RNG) at the last step boundary: what Ctrl-C saves
+    bar: object = None  # the progress bar and metrics.jsonl (log_step)
+    metrics_file: object = None
+    start: float = 0.0
 
 
 def check_inputs(cfg: TrainConfig, dist):
@@ -515,12 +490,13 @@ def start_or_resume(t: Training) -> dict:
     return {"step": 0, "epoch": 0, "batch": 0}
 
 
-def write_resume_checkpoint(t: Training, at=None):
-    """Write checkpoint/ for --resume; at: (state, rng) of the last step boundary (default: now)."""
+def write_resume_checkpoint(t: Training, at=None) -> int:
+    """Write checkpoint/ for --resume; at: (state, rng) of the last step boundary (default: now). Its step."""
     state, rng = at or (t.state, runs.rng_state())
     tensors, opt = t.dist.full_state(t.trainables, t.optimizer)  # FSDP: every rank sends shards to rank 0
     if t.dist.rank == 0:
         runs.save_checkpoint(t.out, tensors, opt, t.scaler, dict(state), rng)
+    return state["step"]
 
 
 def save(t: Training, train_s: float):
@@ -535,43 +511,64 @@ def save(t: Training, train_s: float):
 # The training loop
 
 
+def next_batch(t: Training) -> list[int]:
+    """The item indices of the next global batch; past an epoch's last, the next epoch in a new order."""
+    state = t.state
+    if state["batch"] >= len(t.batches):
+        state["epoch"], state["batch"] = state["epoch"] + 1, 0
+        t.batches = data.make_batches(t.train_items, t.global_batch, shuffle=True, seed=t.cfg.seed, epoch=state["epoch"])
+    state["batch"] += 1
+    return t.batches[state["batch"] - 1]
+
+
+def log_step(t: Training, logs: list[dict], tokens: int, seconds: float, norms: dict, pairs: list):
+    """After an optimizer step: the bar, and every --log-every steps a line of metrics.jsonl (global batch means,
+    user-model norms, per-user and per-group training accuracy; with --eval-every, the evaluation)."""
+    cfg, step = t.cfg, t.state["step"]
+    row = {"step": step, "epoch": t.state["epoch"], "lr": t.optimizer.param_groups[0]["lr"],
+           **{k: sum(r[k] for r in logs) / len(logs) for k in logs[0]},
+           "tokens_per_s": tokens / seconds, "elapsed_s": time.perf_counter() - t.start, **norms}
+    if pairs:  # per-user and per-group training accuracy of the personalized term
+        row |= {"user_accuracy": report.accuracy_by(pairs, 0), "group_accuracy": report.accuracy_by(pairs, 1)}
+    t.bar.update(1)
+    t.bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "accuracy", "lr", "tokens_per_s") if k in row})
+    if cfg.eval_every and step % cfg.eval_every == 0 and t.valid_items and cfg.stage != "sft":
+        row["eval"] = evaluate(t)
+    if step % cfg.log_every == 0 or "eval" in row:
+        t.metrics_file.write(json.dumps(row) + "\n")
+        t.metrics_file.flush()
+
+
 def train(cfg: TrainConfig) -> dict:
     """Run one stage; return the final evaluation summary (empty without --valid)."""
     t = setup(cfg)
     cfg, dist, optimizer = t.cfg, t.dist, t.optimizer
-    # Memory and precision: what each step below runs under.
     t.model.set_grad_checkpointing(cfg.grad_checkpointing)  # recompute each block's activations in backward
-    # t.autocast (autocast_ctx): bf16 or fp16 autocast around each forward, nothing at fp32. fp16 also needs
-    # loss scaling, so that small gradients do not flush to zero; at fp32 and bf16 the scaler passes through.
+    # t.autocast: bf16/fp16 around each forward; fp16 also scales the loss so small gradients do not flush to zero
     t.scaler = scaler = torch.amp.GradScaler("cuda", enabled=cfg.precision == "fp16")
     t.state = state = start_or_resume(t)
-    bar = tqdm(total=t.total_steps, initial=state["step"], disable=cfg.quiet, desc=f"{cfg.stage} {t.out.name}",
-               dynamic_ncols=True)
-    metrics_file = open(t.out / "metrics.jsonl" if dist.rank == 0 else os.devnull, "a")
-    batches = data.make_batches(t.train_items, t.global_batch, shuffle=True, seed=cfg.seed, epoch=state["epoch"])
+    t.batches = data.make_batches(t.train_items, t.global_batch, shuffle=True, seed=cfg.seed, epoch=state["epoch"])
+    t.bar = tqdm(total=t.total_steps, initial=state["step"], disable=cfg.quiet, desc=f"{cfg.stage} {t.out.name}",
+                 dynamic_ncols=True)
     t.model.train()
-    start, boundary = time.perf_counter(), None
-    try:
+    t.start = time.perf_counter()
+    with open(t.out / "metrics.jsonl" if dist.rank == 0 else os.devnull, "a") as t.metrics_file, \
+            runs.stopping_cleanly(t.out, t.bar, dist.sharded, lambda: write_resume_checkpoint(t, t.boundary)):
         while state["step"] < t.total_steps:
-            boundary = (dict(state), runs.rng_state())  # weights change only at optimizer.step(): resume from here
+            t.boundary = (dict(state), runs.rng_state())  # weights change only at optimizer.step(): resume from here
             t0, tokens, logs, pairs = time.perf_counter(), 0, [], []
+            alpha = get_alpha(state["step"], t.total_steps, cfg.generic_delay, cfg.alpha)
             for g in optimizer.param_groups:
                 g["lr"] = get_lr(state["step"], t.total_steps, cfg.warmup_steps, g["peak_lr"])
             for micro in range(cfg.grad_accum):
-                if state["batch"] >= len(batches):  # next epoch, new order
-                    state["epoch"], state["batch"] = state["epoch"] + 1, 0
-                    batches = data.make_batches(t.train_items, t.global_batch, shuffle=True, seed=cfg.seed,
-                                                epoch=state["epoch"])
-                idx, real = dist.part_of(batches[state["batch"]])  # this rank's part of the global batch
+                idx, real = dist.part_of(next_batch(t))  # this rank's part of the global batch
                 dist.sync_gradients(micro == cfg.grad_accum - 1)
                 batch = t.collate([t.train_items[i] for i in idx])
-                state["batch"] += 1
                 with t.autocast:
-                    loss, metrics = dist.wrapped(t.batch_loss, batch)
+                    loss, metrics = dist.wrapped(BATCH_LOSS[cfg.stage], t, batch, alpha)
                 pairs += metrics.pop("pairs", []) if real else []  # this rank's pairs (rank 0 logs its own)
-                # loss is this rank's mean over its pairs (tokens for SFT); share weighs it so that the ranks'
-                # averaged gradients are the global batch's mean (1 in a single process), and / grad_accum
-                # makes the micro-batches of a step add up to their mean
+                # share weighs this rank's mean so that the ranks' averaged gradients are the global batch's mean
+                # (1 in a single process); / grad_accum makes the micro-batches of a step add up to their mean
                 share = dist.share(mean_over(cfg, batch) if real else 0)
                 scaler.scale(loss * share / cfg.grad_accum).backward()
                 tokens += sum(int(v.numel()) for k, v in batch.items() if k.endswith("input_ids"))
@@ -580,44 +577,19 @@ def train(cfg: TrainConfig) -> dict:
             if not all(math.isfinite(row["loss"]) for row in logs):
                 raise FloatingPointError(f"non-finite loss at step {state['step']}")
             scaler.unscale_(optimizer)
-            norms = {} if dist.sharded else user_model_norms(t.user_model)  # FSDP: the table is sharded
+            norms = {} if dist.sharded else report.user_model_norms(t.user_model)  # FSDP: the table is sharded
             if cfg.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(list(t.trainables.values()), cfg.grad_clip)
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
             state["step"] += 1
-            row = {"step": state["step"], "epoch": state["epoch"], "lr": optimizer.param_groups[0]["lr"],
-                   **{k: sum(r[k] for r in logs) / len(logs) for k in logs[0]},
-                   "tokens_per_s": tokens / (time.perf_counter() - t0), "elapsed_s": time.perf_counter() - start,
-                   **norms}
-            if pairs:  # per-user and per-group training accuracy of the personalized term
-                row |= {"user_accuracy": accuracy_by(pairs, 0), "group_accuracy": accuracy_by(pairs, 1)}
-            bar.update(1)
-            bar.set_postfix({k: f"{row[k]:.3g}" for k in ("loss", "accuracy", "lr", "tokens_per_s") if k in row})
-            if cfg.eval_every and state["step"] % cfg.eval_every == 0 and t.valid_items and cfg.stage != "sft":
-                row["eval"] = evaluate(t)
-            if state["step"] % cfg.log_every == 0 or "eval" in row:
-                metrics_file.write(json.dumps(row) + "\n")
-                metrics_file.flush()
+            log_step(t, logs, tokens, time.perf_counter() - t0, norms, pairs)
             if cfg.save_every and state["step"] % cfg.save_every == 0:
                 write_resume_checkpoint(t)
-    except KeyboardInterrupt:
-        bar.close()
-        if dist.sharded:  # gathering shards needs every rank, and they stopped anywhere
-            runs.fail(f"interrupted: the last --save-every checkpoint in {t.out}/checkpoint is kept")
-        write_resume_checkpoint(t, boundary)
-        print(f"\ninterrupted: checkpoint saved at step {state['step']} in {t.out}/checkpoint; "
-              f"continue with --resume", file=sys.stderr)
-        sys.exit(130)
-    except FloatingPointError as e:
-        bar.close()
-        runs.fail(f"{e}; stopped; the last good checkpoint in {t.out}/checkpoint is kept")
-    finally:
-        metrics_file.close()
-    bar.close()
+    t.bar.close()
     write_resume_checkpoint(t)
-    save(t, time.perf_counter() - start)
+    save(t, time.perf_counter() - t.start)
     summary = evaluate(t) if t.valid_items and cfg.stage != "sft" else {}
     if summary and dist.rank == 0:
         runs.atomic_write_json(summary, t.out / "eval.json")

@@ -142,8 +142,8 @@ def test_nll_term_by_hand(alpha):
     t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
     args = (t(PC) if alpha > 0 else None, t(PR) if alpha > 0 else None, t(RC), t(RR),
             t(GC) if alpha < 1 else None, t(GR) if alpha < 1 else None)
-    plain = prlhf.pdpo_loss(*args, alpha=alpha, beta=beta)
-    out = prlhf.pdpo_loss(*args, alpha=alpha, beta=beta, nll_weight=lam, chosen_tokens=t(tokens))
+    plain = prlhf.pdpo_objective(*args, alpha=alpha, beta=beta)
+    out = prlhf.pdpo_objective(*args, alpha=alpha, beta=beta, nll_weight=lam, chosen_tokens=t(tokens))
     assert plain["nll"] is None
     for b in range(3):
         nll = alpha * (-PC[b] / tokens[b]) + (1 - alpha) * (-GC[b] / tokens[b])
@@ -152,7 +152,7 @@ def test_nll_term_by_hand(alpha):
     assert torch.equal(out["chosen_rewards"] if alpha > 0 else out["generic_chosen_rewards"],
                        plain["chosen_rewards"] if alpha > 0 else plain["generic_chosen_rewards"])  # rewards untouched
     with pytest.raises(ValueError, match="chosen_tokens"):
-        prlhf.pdpo_loss(*args, alpha=alpha, beta=beta, nll_weight=lam)
+        prlhf.pdpo_objective(*args, alpha=alpha, beta=beta, nll_weight=lam)
 
 
 def test_pdpo_step_counts_chosen_tokens_for_the_nll_term():
@@ -186,7 +186,7 @@ def test_decision_margins_by_hand(shared_prompt):
     user_model = user_models(32, model.tok_embeddings.weight)["individual"]
     batch = make_batch(BRANCH_PAIRS)
     with torch.no_grad():
-        out = prlhf.policy_logps(model, user_model, batch, alpha=0.5, shared_prompt=shared_prompt, decisions=True)
+        out = prlhf.decision_margins_by_term(prlhf.policy_logps(model, user_model, batch, alpha=0.5, shared_prompt=shared_prompt, return_token_logps=True), batch)
     for b, pair in enumerate(BRANCH_PAIRS):
         for name, row in (("policy_decision_margins", pair["row"]), ("generic_decision_margins", 0)):
             if pair["t_star"] is None:
@@ -214,8 +214,8 @@ def test_decision_term_by_hand(alpha):
     t = lambda xs: torch.tensor(xs, dtype=torch.float64)  # noqa: E731
     args = (t(PC) if alpha > 0 else None, t(PR) if alpha > 0 else None, t(RC), t(RR),
             t(GC) if alpha < 1 else None, t(GR) if alpha < 1 else None)
-    plain = prlhf.pdpo_loss(*args, alpha=alpha, beta=beta)
-    out = prlhf.pdpo_loss(*args, alpha=alpha, beta=beta, decision_weight=mu,
+    plain = prlhf.pdpo_objective(*args, alpha=alpha, beta=beta)
+    out = prlhf.pdpo_objective(*args, alpha=alpha, beta=beta, decision_weight=mu,
                           policy_decision_margins=t(m_u) if alpha > 0 else None,
                           generic_decision_margins=t(m_0) if alpha < 1 else None)
     assert plain["decision"] is None
@@ -224,7 +224,7 @@ def test_decision_term_by_hand(alpha):
         assert out["decision"][b].item() == pytest.approx(term, abs=1e-12)
         assert out["losses"][b].item() == pytest.approx(plain["losses"][b].item() + mu * term, abs=1e-12)
     with pytest.raises(ValueError, match="decision margins"):
-        prlhf.pdpo_loss(*args, alpha=alpha, beta=beta, decision_weight=mu)
+        prlhf.pdpo_objective(*args, alpha=alpha, beta=beta, decision_weight=mu)
 
 
 def test_decision_term_gradients_are_finite_with_a_pair_that_never_parts():

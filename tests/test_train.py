@@ -102,7 +102,7 @@ def test_nonfinite_loss_stops_and_keeps_last_checkpoint(toy, tmp_path, monkeypat
         loss, m = real(*args)
         return (loss * float("nan") if calls["n"] == 5 else loss), m
 
-    monkeypatch.setattr(T, "pdpo_batch_loss", nan_on_fifth_batch)
+    monkeypatch.setitem(T.BATCH_LOSS, "pdpo", nan_on_fifth_batch)
     out = tmp_path / "nan"
     with pytest.raises(SystemExit) as exit_info:
         T.train(config(toy, out, save_every=1))
@@ -242,10 +242,10 @@ def test_generic_delay_trains_the_personalized_term_alone_first(toy, tmp_path):
     """--generic-delay 0.5 over 4 steps (beyond the paper): alpha = 1 at steps 0 and 1, so eq. (pdpo)'s generic
     term is off, then the paper's alpha; the alpha each step used is in metrics.jsonl."""
     cfg = config(toy, tmp_path / "run", alpha=0.5, generic_delay=0.5, max_steps=4)
-    assert [cfg.alpha_at(step / 4) for step in range(4)] == [1.0, 1.0, 0.5, 0.5]
+    assert [T.get_alpha(step, 4, cfg.generic_delay, cfg.alpha) for step in range(4)] == [1.0, 1.0, 0.5, 0.5]
     T.train(cfg)
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["alpha"] for r in rows] == [1.0, 1.0, 0.5, 0.5]
-    assert [config(toy, tmp_path / "p").alpha_at(p) for p in (0.0, 0.9)] == [0.5, 0.5]  # off by default
+    assert [T.get_alpha(s, 10, config(toy, tmp_path / "p").generic_delay, 0.5) for s in (0, 9)] == [0.5, 0.5]  # off by default
     with pytest.raises(ValueError, match="--generic-delay 1.0"):
         config(toy, tmp_path / "x", generic_delay=1.0)
