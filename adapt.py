@@ -1,8 +1,9 @@
 """New users from a few of their pairs (beyond the paper), and a look at the learned users.
 
-    python eval.py adapt RUN_DIR --user NAME --data their_pairs.jsonl   # fit NAME's row, save it into the run
-    python eval.py adapt RUN_DIR --curve            # held-out accuracy after 1, 4, 16, 64 pairs (a toy user)
-    python eval.py users RUN_DIR                    # registry, cluster weights, nearest users
+    python adapt.py RUN_DIR --user NAME --data their_pairs.jsonl          # fit NAME's row, save it into the run
+    python adapt.py RUN_DIR --user NAME --data their_pairs.jsonl --curve  # held-out accuracy after 1, 4, 16, 64
+    python -m examples.toy --curve RUN_DIR          # the same for a fresh user of the built-in toy task
+    python adapt.py users RUN_DIR                   # registry, cluster weights, nearest users
 
 A new user is served e_0 until they have a row; `adapt` appends one row to the user model, starting at
 e_0, and fits it with the run's own objective (alpha = 1) while the LM and every other row stay frozen.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -20,8 +22,9 @@ from tqdm import tqdm
 import data
 import prlhf
 import runs
-from eval import (accuracy_table, check_run_dir, common_flags, load_reference, online_reference, open_run,
-                  pair_collate, read_data, score_pairs, tokenize)
+from eval import accuracy_table, score_pairs
+from runs import (check_run_dir, common_flags, load_reference, online_reference, open_run, pair_collate, read_data,
+                  tokenize)
 from cache import reference_cache
 from report import error_bars, import_pyplot, save_figure, user_vectors
 
@@ -148,7 +151,7 @@ def adaptation_curve(run: runs.Run, reference_model, fit_pairs, held_out_pairs, 
 
 def adapt_user(run_dir, name: str, data_file, *, reference: str | None = None, steps: int = 32, lr: float = 0.05,
                batch_size: int = 8, seed: int = 0, device: str = "auto", quiet: bool = False) -> dict:
-    """`eval.py adapt`: fit a new user's row on all their pairs in `data_file` and save it into the run.
+    """`adapt.py`: fit a new user's row on all their pairs in `data_file` and save it into the run.
 
     Saving rewrites user_model.safetensors, user_model.json and users.json; the LM is untouched.
     Returns the row, the losses' ends, and accuracy on those (training) pairs for e_0 and the new row.
@@ -169,28 +172,31 @@ def adapt_user(run_dir, name: str, data_file, *, reference: str | None = None, s
             "last_loss": losses[-1], "generic": before, "adapted": after}
 
 
-def adapt_curve(run_dir, name: str, data_file=None, *, reference: str | None = None, steps: int = 32,
-                lr: float = 0.05, held_out: int = 40, seed: int = 0, device: str = "auto", quiet: bool = False) -> dict:
-    """`eval.py adapt --curve`: adaptation_curve on the user's pairs in `data_file` (the last quarter held
-    out), or on a fresh toy user who prefers short answers. Saves nothing into the user model; writes
+def adapt_curve(run_dir, name: str, fit_pairs: list[data.Pair], held_pairs: list[data.Pair], about: str, *,
+                reference: str | None = None, steps: int = 32, lr: float = 0.05, seed: int = 0, device: str = "auto",
+                quiet: bool = False) -> dict:
+    """`adapt.py --curve`: adaptation_curve of user `name` (fitted on prefixes of fit_pairs, scored on
+    held_pairs; `about` says where they came from). Saves nothing into the user model; writes
     adapt_curve.json (and adapt_curve.png) into the run."""
     device = runs.pick_device(device)
-    if data_file:
-        pairs = user_pairs(read_data(data_file), name, data_file)
-        n_held = max(1, len(pairs) // 4)
-        fit_pairs, held_pairs = pairs[:-n_held], pairs[-n_held:]
-    else:  # the built-in toy task's new user: the one place adapt.py reaches into examples/
-        from examples.toy import toy_user_pairs
-        fit_pairs, held_pairs = toy_user_pairs(name, max(CURVE_SIZES), held_out, seed=1000 + seed)
     run = open_run(run_dir, torch.float32, device)
     reference_model = load_reference(run_dir, run, reference, torch.float32, device)
     points = adaptation_curve(run, reference_model, fit_pairs, held_pairs, name, device=device, steps=steps, lr=lr,
                               seed=seed, quiet=quiet)
-    result = {"user": name, "data": str(data_file or "toy task, a new user who prefers short answers"),
-              "steps": steps, "lr": lr, "held_out_pairs": len(held_pairs), "curve": points}
+    result = {"user": name, "data": about, "steps": steps, "lr": lr, "held_out_pairs": len(held_pairs),
+              "curve": points}
     runs.atomic_write_json(result, Path(run_dir) / "adapt_curve.json")
     plot_curve(points, name, Path(run_dir) / "adapt_curve.png")
     return result
+
+
+def print_curve(result: dict, run_dir):
+    print(f"held-out accuracy of {result['user']} ({result['held_out_pairs']} pairs; {result['data']}), "
+          f"{result['steps']} steps per fit, 95% Wilson:")
+    for p in result["curve"]:
+        label = "generic e_0" if p["fit_pairs"] == 0 else f"{p['fit_pairs']} pairs"
+        print(f"  {label:<12} {p['accuracy']:.3f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]")
+    print(f"wrote {Path(run_dir) / 'adapt_curve.json'}")
 
 
 def plot_curve(points: list[dict], name: str, file: Path) -> bool:
@@ -256,35 +262,39 @@ def describe_users(run_dir, neighbours: int = 3) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: `eval.py adapt RUN_DIR ...`, `eval.py users RUN_DIR`
+# Command line: `adapt.py RUN_DIR ...`, `adapt.py users RUN_DIR`
 
 
 ADAPT_HELP = """Fit a new user's row of the user model f_P from their pairs and save it into the run,
 so the user is then served like a known one. The LM, e_0 and the other users stay frozen. The row
 starts at the generic embedding e_0 (individual model: o_new = 0; cluster model: w_new = w_0), which
 is what the user got while unseen. With --curve: held-out accuracy after fitting on 1, 4, 16 and 64
-pairs, against e_0; nothing is saved into the user model (adapt_curve.json goes into the run)."""
+of their pairs (the last quarter held out), against e_0; nothing is saved into the user model
+(adapt_curve.json goes into the run). `python -m examples.toy --curve RUN_DIR` does the same for a fresh
+user of the built-in toy task. `python adapt.py users RUN_DIR` lists the learned users."""
 
 
 def adapt_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval.py adapt", description=ADAPT_HELP,
+    p = argparse.ArgumentParser(prog="adapt.py", description=ADAPT_HELP,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN_DIR", help="a pdpo or prm run with an individual or cluster user model")
-    p.add_argument("--user", default=None, help="the new user's identifier (--curve without --data: toy_new_user)")
+    p.add_argument("--user", default=None, help="the new user's identifier")
     p.add_argument("--data", default=None, help="JSON Lines pairs; the lines whose 'user' is --user are used")
-    p.add_argument("--curve", action="store_true",
-                   help="held-out accuracy against pairs seen; without --data, a fresh toy user who prefers short "
-                        "answers (the minority, for whom e_0 is poor)")
-    p.add_argument("--steps", type=int, default=32, help="Adam steps per fit (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=0.05, help="learning rate of the new row (default: %(default)s)")
+    p.add_argument("--curve", action="store_true", help="held-out accuracy against pairs seen (saves no row)")
+    curve_flags(p)
     p.add_argument("--batch-size", type=int, default=8, help="pairs per step (default: %(default)s)")
-    p.add_argument("--held-out", type=int, default=40, help="held-out pairs of the toy user (default: %(default)s)")
     common_flags(p)
     return p
 
 
+def curve_flags(p: argparse.ArgumentParser):
+    """Flags of a fit: adapt.py's, and examples/toy.py --curve's."""
+    p.add_argument("--steps", type=int, default=32, help="Adam steps per fit (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=0.05, help="learning rate of the new row (default: %(default)s)")
+
+
 def users_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval.py users", description="The user registry, each user's cluster weights "
+    p = argparse.ArgumentParser(prog="adapt.py users", description="The user registry, each user's cluster weights "
                                 "softmax(w_i) (cluster model), and each user's nearest neighbours by cosine "
                                 "similarity of their embeddings e_u (generic row 0 included).")
     p.add_argument("run", metavar="RUN_DIR", help="a run with a user model")
@@ -295,21 +305,33 @@ def users_parser() -> argparse.ArgumentParser:
 def run_adapt(args):
     options = dict(reference=args.reference, steps=args.steps, lr=args.lr, seed=args.seed, device=args.device,
                    quiet=args.quiet)
-    if args.curve:
-        name = args.user or "toy_new_user"
-        r = adapt_curve(args.run, name, args.data, held_out=args.held_out, **options)
-        print(f"held-out accuracy of {name} ({r['held_out_pairs']} pairs; {r['data']}), "
-              f"{r['steps']} steps per fit, 95% Wilson:")
-        for p in r["curve"]:
-            label = "generic e_0" if p["fit_pairs"] == 0 else f"{p['fit_pairs']} pairs"
-            print(f"  {label:<12} {p['accuracy']:.3f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]")
-        print(f"wrote {Path(args.run) / 'adapt_curve.json'}")
-        return
     if not args.user or not args.data:
-        runs.fail("adapt needs --user NAME and --data FILE with their pairs (or --curve)")
+        runs.fail("adapt.py needs --user NAME and --data FILE with their pairs (for the built-in toy task's new "
+                  "user: python -m examples.toy --curve RUN_DIR)")
+    if args.curve:
+        pairs = user_pairs(read_data(args.data), args.user, args.data)
+        n_held = max(1, len(pairs) // 4)
+        r = adapt_curve(args.run, args.user, pairs[:-n_held], pairs[-n_held:], str(args.data), **options)
+        return print_curve(r, args.run)
     r = adapt_user(args.run, args.user, args.data, batch_size=args.batch_size, **options)
     g, a = r["generic"], r["adapted"]
     print(f"user {args.user}: row {r['row']}, fitted on {r['pairs']} pairs in {r['steps']} steps "
           f"(loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}); accuracy on these pairs (not held out): "
           f"generic e_0 {g['accuracy']:.3f} -> fitted {a['accuracy']:.3f}")
     print(f"saved into {args.run} (user_model.safetensors, users.json); {args.user} is now a known user")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        if argv and argv[0] == "users":
+            args = users_parser().parse_args(argv[1:])
+            print(describe_users(args.run, args.neighbours))
+        else:
+            run_adapt(adapt_parser().parse_args(argv))
+    except (data.DataError, ValueError, FileNotFoundError) as e:
+        runs.fail(str(e))
+
+
+if __name__ == "__main__":
+    main()

@@ -10,20 +10,17 @@ Users the run never saw in training are "unseen": the registry gives them row 0,
 embedding e_0, exactly as at serving time. A reward-model run (stage prm) is scored by its head
 r_phi(x, y, u) instead. Vanilla DPO against P-DPO side by side is the paper's comparison (--baseline).
 
-Beyond the paper: `adapt` fits one new row of the user model (LM and other users frozen) from a few
-of a new user's pairs, and `--curve` measures how held-out accuracy grows with the number of pairs
-(adapt.py, with `users`, a look at the learned users).
+New users (adapt.py, beyond the paper) and a look at the learned users have their own command, which
+imports this file: `python adapt.py --help`.
 
     python eval.py RUN_DIR --data valid.jsonl [--baseline OTHER_RUN_DIR]
-    python eval.py adapt RUN_DIR --user NAME --data their_pairs.jsonl
-    python eval.py adapt RUN_DIR --curve            # a fresh toy user who prefers short answers
-    python eval.py users RUN_DIR
+    python eval.py generate RUN_DIR --user ID --prompt TEXT
 
 Scoring (score_pairs, with prlhf.pdpo_step's implicit reward), reference log-probs computed once and
 kept on disk under a fingerprint of their inputs (cache.py) and generation
 as each user (generate_responses) live here; train.py uses them for its own evaluation. runs.py opens
 run directories; report.py lays out the report (markdown, plots). Reading order: intervals and tables;
-scoring pairs; reference log-probs; opening a run and scoring it; generation; evaluating runs end to
+scoring pairs; reference log-probs; which users a file covers, scoring a run; generation; evaluating runs end to
 end; the command line.
 """
 from __future__ import annotations
@@ -184,50 +181,7 @@ def summarize(records: list[dict], key: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
-# Opening a run, and scoring its pairs
-
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def weights_dtype(name: str, device: str) -> torch.dtype:
-    """--dtype: fp32, bf16, fp16, or auto (bf16 where bf16 is native, else fp32: runs.pick_precision)."""
-    return DTYPES[runs.pick_precision(name, device)]
-
-
-def check_run_dir(path) -> Path:
-    path = Path(path)
-    if not runs.is_run_dir(path):
-        raise FileNotFoundError(f"{path}: not a run directory (no args.json); train one with "
-                                f"`python train.py --out DIR`, or run `python train.py` for the demo")
-    return path
-
-
-def open_run(path, dtype, device) -> runs.Run:
-    """runs.load_run, refusing what has no preference reward (SFT runs) with a message for people."""
-    path = check_run_dir(path)
-    stage = runs.read_json(path / "args.json").get("stage")
-    if stage not in ("pdpo", "prm"):
-        raise ValueError(f"{path}: a {stage} run has no preference reward to evaluate; "
-                         f"evaluate a pdpo or prm run (args.json 'stage')")
-    return runs.load_run(path, dtype, device)
-
-
-def load_reference(run_dir, run: runs.Run, override: str | None, dtype, device):
-    """pi_ref: the run's starting model (args.json 'model'), used without user embedding (PAPER.md)."""
-    if run.reward_head is not None:
-        return None  # a reward model scores pairs with its head
-    where = override or run.args["model"]
-    if not Path(where).exists():
-        raise FileNotFoundError(f"{Path(run_dir) / 'args.json'}: reference model 'model' = {where} does not "
-                                f"exist from here; pass --reference PATH (the run's starting checkpoint)")
-    return runs.load_base(where, dtype, device).eval()
-
-
-def read_data(data_file) -> list[data.Pair]:
-    if not Path(data_file).is_file():
-        raise FileNotFoundError(f"{data_file}: no such data file (expected JSON Lines pairs, see data.py)")
-    return data.read_pairs(data_file)
+# Which users a data file covers, and scoring a run's pairs (opening a run: runs.py)
 
 
 def user_coverage(run: runs.Run, pairs: list[data.Pair]) -> tuple[list[str], list[str]]:
@@ -251,30 +205,6 @@ def coverage_message(name: str, run: runs.Run, pairs: list[data.Pair], data_file
     return None
 
 
-def pair_collate(run: runs.Run, device, row_of=None):
-    """data.collate_pairs with the run's tokenizer, registry (or `row_of`) and user-text setting."""
-    row_of = row_of or run.registry.row
-
-    def collate(items):
-        b = data.collate_pairs(items, run.tokenizer, row_of, use_user_text=run.pdpo.use_user_text)
-        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
-
-    return collate
-
-
-def online_reference(reference_model, cfg: prlhf.PDPOConfig):
-    """reference(batch) -> (log pi_ref(y_w | x), log pi_ref(y_l | x)), each (B,), computed on demand."""
-    if reference_model is None:
-        return None
-    return lambda batch: prlhf.reference_logps(reference_model, batch, average=cfg.average_logps,
-                                               shared_prompt=cfg.shared_prompt)
-
-
-def tokenize(run: runs.Run, pairs: list[data.Pair]) -> list[data.TokenizedPair]:
-    items, _ = data.tokenize_pairs(pairs, run.tokenizer, run.args["max_length"], run.args["max_prompt_length"])
-    return items
-
-
 def score_run(run: runs.Run, reference_model, pairs: list[data.Pair], *, device, batch_size=16,
               desc=None) -> list[dict]:
     """score_pairs on `pairs`: one record per pair with user, group, status, margin, correct.
@@ -282,8 +212,8 @@ def score_run(run: runs.Run, reference_model, pairs: list[data.Pair], *, device,
     margin = r(x, y_w, u) - r(x, y_l, u): the implicit reward above (IPO runs average log-probs per
     token, as they were trained), or the reward head's difference for a prm run.
     """
-    records = score_pairs(run.model, run.user_model, tokenize(run, pairs), pair_collate(run, device), run.pdpo,
-                          reference=online_reference(reference_model, run.pdpo), head=run.reward_head,
+    records = score_pairs(run.model, run.user_model, runs.tokenize(run, pairs), runs.pair_collate(run, device),
+                          run.pdpo, reference=runs.online_reference(reference_model, run.pdpo), head=run.reward_head,
                           batch_size=batch_size, desc=desc)
     return label(run, records)
 
@@ -363,7 +293,7 @@ def sample_prompts(pairs: list[data.Pair], per_user: int, seed: int) -> list[dat
 def generate_for_run(run: runs.Run, pairs: list[data.Pair], *, max_new_tokens, temperature, top_p, batch_size,
                      seed, constraints: dict, desc=None) -> list[dict]:
     """generate_responses as each pair's user: greedy when temperature == 0, else sampled (seeded)."""
-    gens = generate_responses(run.model, run.user_model, run.registry, run.tokenizer, tokenize(run, pairs),
+    gens = generate_responses(run.model, run.user_model, run.registry, run.tokenizer, runs.tokenize(run, pairs),
                               use_user_text=run.pdpo.use_user_text, max_new_tokens=max_new_tokens,
                               temperature=temperature, top_p=top_p, batch_size=batch_size, seed=seed, desc=desc,
                               **constraints)
@@ -387,8 +317,8 @@ def evaluate_runs(run_dirs: list[str], data_file, *, out=None, reference: str | 
 
     `reference` overrides the first run's pi_ref (args.json 'model'); the baseline always uses its own.
     """
-    paths = [check_run_dir(p) for p in run_dirs]  # mistyped paths fail first, before any model is loaded
-    pairs = read_data(data_file)
+    paths = [runs.check_run_dir(p) for p in run_dirs]  # mistyped paths fail first, before any model is loaded
+    pairs = runs.read_data(data_file)
     out = Path(out) if out else paths[0]
     out.mkdir(parents=True, exist_ok=True)
     constraints = {k: v for k, v in dict(repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
@@ -399,7 +329,7 @@ def evaluate_runs(run_dirs: list[str], data_file, *, out=None, reference: str | 
     for i, (name, path) in enumerate(zip(report.run_names(paths), paths)):
         results[name], generations[name], embeddings[name], run_notes = evaluate_run(
             name, path, pairs, data_file, generate, reference=reference if i == 0 else None,
-            device=runs.pick_device(device), dtype=weights_dtype(dtype, runs.pick_device(device)), quiet=quiet)
+            device=runs.pick_device(device), dtype=runs.weights_dtype(dtype, runs.pick_device(device)), quiet=quiet)
         notes += run_notes
     settings = (f"{samples_per_user} prompts per user (seed {seed}), "
                 + ("greedy" if temperature == 0 else f"sampled at temperature {temperature}, top-p {top_p}")
@@ -419,8 +349,8 @@ def evaluate_runs(run_dirs: list[str], data_file, *, out=None, reference: str | 
 
 def evaluate_run(name, path, pairs, data_file, generate: dict, *, reference, device, dtype, quiet):
     """One run: (its results, its generations, its user embeddings, notes for the report)."""
-    run = open_run(path, dtype, device)
-    ref_model = load_reference(path, run, reference, dtype, device)
+    run = runs.open_run(path, dtype, device)
+    ref_model = runs.load_reference(path, run, reference, dtype, device)
     notes = [m for m in [coverage_message(name, run, pairs, data_file)] if m]
     for m in notes:
         print(m, file=sys.stderr)
@@ -433,7 +363,7 @@ def evaluate_run(name, path, pairs, data_file, generate: dict, *, reference, dev
         gens = generate_for_run(run, **generate, desc=None if quiet else f"generating {name}")
     keep = ("user", "group", "status", "prompt", "response", "response_tokens")
     results = run_results(run.args["stage"], records, gens)
-    known = [it for it in tokenize(run, pairs) if run.registry.row(it.user) != 0]
+    known = [it for it in runs.tokenize(run, pairs) if run.registry.row(it.user) != 0]
     results |= {"training": report.training_summary(report.read_training(path)),  # do the users take hold?
                 "attention_to_user": attention_to_user(run, known)}
     return (results, [{"run": name, **{k: g[k] for k in keep}} for g in gens],
@@ -483,22 +413,15 @@ def attention_to_user(run: runs.Run, items: list, max_pairs: int = 32) -> list[f
 
 
 # ----------------------------------------------------------------------------------------------
-# Command line: `eval.py RUN_DIR ...`, `eval.py adapt RUN_DIR ...`, `eval.py users RUN_DIR`
-
-
-def common_flags(p: argparse.ArgumentParser):
-    p.add_argument("--reference", default=None,
-                   help="pi_ref, the run's starting model (default: 'model' in the run's args.json)")
-    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of prompt choice, sampling, data order (default: 0)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+# Command line: `eval.py RUN_DIR ...`, `eval.py generate ...`, `eval.py export ...`
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval.py", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Subcommands: `eval.py generate --help` (answer as a user), `eval.py adapt --help`, "
-                                       "`eval.py users --help`, `eval.py export --help` (for transformers + peft).")
+                                epilog="Subcommands: `eval.py generate --help` (answer as a user), `eval.py export --help` "
+                                       "(for transformers + peft). New users: `python adapt.py --help`; the "
+                                       "learned users: `python adapt.py users --help`.")
     p.add_argument("run", metavar="RUN_DIR", help="a pdpo or prm run directory written by train.py")
     p.add_argument("--data", required=True, help="preference pairs to evaluate on, JSON Lines (see data.py)")
     p.add_argument("--baseline", default=None, metavar="OTHER_RUN_DIR",
@@ -518,15 +441,9 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-repeat-ngram-size", type=int, default=0,
                    help=f"forbid repeating any n-gram of this size (0 = off; {hides})")
     p.add_argument("--min-new-tokens", type=int, default=0, help=f"forbid EOS before this many new tokens ({hides})")
-    dtype_flag(p)
-    common_flags(p)
+    runs.dtype_flag(p)
+    runs.common_flags(p)
     return p
-
-
-def dtype_flag(p: argparse.ArgumentParser):
-    p.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
-                   help="dtype of the loaded weights; auto: bf16 on CUDA and on CPUs with native bf16, else fp32 "
-                        "(default: %(default)s)")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -589,14 +506,14 @@ def generate_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, with --temperature > 0")
     p.add_argument("--seed", type=int, default=0, help="seed of sampling (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
-    dtype_flag(p)
+    runs.dtype_flag(p)
     return p
 
 
 def run_generate(args):
     device = runs.pick_device(args.device)
-    run_dir = check_run_dir(args.run)
-    run = open_run(run_dir, weights_dtype(args.dtype, device), device)
+    run_dir = runs.check_run_dir(args.run)
+    run = runs.open_run(run_dir, runs.weights_dtype(args.dtype, device), device)
     for user in args.user:
         if run.registry.row(user) == 0:
             print(f"note: {user} is not a user of {run_dir}: answered with the generic embedding e_0", file=sys.stderr)
@@ -618,13 +535,9 @@ def main(argv=None):
         elif command == "export":  # adapters and user embeddings for Hugging Face tools: export.py
             import export
             export.main(argv[1:])
-        elif command in ("adapt", "users"):  # new users and the learned users: adapt.py
-            import adapt
-            if command == "users":
-                args = adapt.users_parser().parse_args(argv[1:])
-                print(adapt.describe_users(args.run, args.neighbours))
-            else:
-                adapt.run_adapt(adapt.adapt_parser().parse_args(argv[1:]))
+        elif command in ("adapt", "users"):  # adapt.py imports this file, not the other way round
+            runs.fail(f"`eval.py {command}` is now `python adapt.py{' users' if command == 'users' else ''} "
+                      f"{' '.join(argv[1:])}`".rstrip() + " (see python adapt.py --help)")
         else:
             args = evaluate_parser().parse_args(argv)
             run_dirs = [args.run] + ([args.baseline] if args.baseline else [])

@@ -22,6 +22,7 @@ digest), checkpoints.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import hashlib
@@ -326,6 +327,91 @@ def save_run(out: Path, model, user_model, registry, reward_head, tokenizer, mer
     if reward_head is not None:
         atomic_save_tensors(reward_head.state_dict(), out / "reward_head.safetensors")
     tokenizer.save(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# Opening a run for eval.py, adapt.py and export.py: its weights, its reference pi_ref, its pairs, its flags
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def weights_dtype(name: str, device: str) -> torch.dtype:
+    """--dtype: fp32, bf16, fp16, or auto (bf16 where bf16 is native, else fp32: pick_precision)."""
+    return DTYPES[pick_precision(name, device)]
+
+
+def check_run_dir(path) -> Path:
+    path = Path(path)
+    if not is_run_dir(path):
+        raise FileNotFoundError(f"{path}: not a run directory (no args.json); train one with "
+                                f"`python train.py --out DIR`, or run `python train.py` for the demo")
+    return path
+
+
+def open_run(path, dtype, device) -> Run:
+    """load_run, refusing what has no preference reward (SFT runs) with a message for people."""
+    path = check_run_dir(path)
+    stage = read_json(path / "args.json").get("stage")
+    if stage not in ("pdpo", "prm"):
+        raise ValueError(f"{path}: a {stage} run has no preference reward to evaluate; "
+                         f"evaluate a pdpo or prm run (args.json 'stage')")
+    return load_run(path, dtype, device)
+
+
+def load_reference(run_dir, run: Run, override: str | None, dtype, device):
+    """pi_ref: the run's starting model (args.json 'model'), used without user embedding (PAPER.md)."""
+    if run.reward_head is not None:
+        return None  # a reward model scores pairs with its head
+    where = override or run.args["model"]
+    if not Path(where).exists():
+        raise FileNotFoundError(f"{Path(run_dir) / 'args.json'}: reference model 'model' = {where} does not "
+                                f"exist from here; pass --reference PATH (the run's starting checkpoint)")
+    return load_base(where, dtype, device).eval()
+
+
+def read_data(data_file) -> list[data.Pair]:
+    if not Path(data_file).is_file():
+        raise FileNotFoundError(f"{data_file}: no such data file (expected JSON Lines pairs, see data.py)")
+    return data.read_pairs(data_file)
+
+
+def pair_collate(run: Run, device, row_of=None):
+    """data.collate_pairs with the run's tokenizer, registry (or `row_of`) and user-text setting."""
+    row_of = row_of or run.registry.row
+
+    def collate(items):
+        b = data.collate_pairs(items, run.tokenizer, row_of, use_user_text=run.pdpo.use_user_text)
+        return {k: v.to(device) if torch.is_tensor(v) else v for k, v in b.items()}
+
+    return collate
+
+
+def online_reference(reference_model, cfg: prlhf.PDPOConfig):
+    """reference(batch) -> (log pi_ref(y_w | x), log pi_ref(y_l | x)), each (B,), computed on demand."""
+    if reference_model is None:
+        return None
+    return lambda batch: prlhf.reference_logps(reference_model, batch, average=cfg.average_logps,
+                                               shared_prompt=cfg.shared_prompt)
+
+
+def tokenize(run: Run, pairs: list[data.Pair]) -> list[data.TokenizedPair]:
+    items, _ = data.tokenize_pairs(pairs, run.tokenizer, run.args["max_length"], run.args["max_prompt_length"])
+    return items
+
+
+def common_flags(p: argparse.ArgumentParser):
+    p.add_argument("--reference", default=None,
+                   help="pi_ref, the run's starting model (default: 'model' in the run's args.json)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed of prompt choice, sampling, data order (default: 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def dtype_flag(p: argparse.ArgumentParser):
+    p.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
+                   help="dtype of the loaded weights; auto: bf16 on CUDA and on CPUs with native bf16, else fp32 "
+                        "(default: %(default)s)")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@
     python -m examples.toy --out DIR [--task style]     # write a task's train.jsonl and valid.jsonl
     python -m examples.toy --out DIR --new-user NAME    # a new short-preferring user's pairs
 
-Reading order: the tasks' words and answers, the tasks, their tokenizer corpus, a new user for `adapt --curve`,
+Reading order: the tasks' words and answers, the tasks, their tokenizer corpus, a new user for `adapt.py` (and --curve),
 a run's answers sorted into the kinds, the command line.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ import re
 import sys
 from pathlib import Path
 
+import adapt
 import data
 import eval as evaluation
 import runs
@@ -231,15 +232,38 @@ def preferred_answers(run_dir: Path, valid_pairs: list, kind_of, quiet: bool = T
     return {"groups": groups, "clean_answers": clean / len(gens), "answers": len(gens)}
 
 
+def toy_curve(run_dir, name: str = "toy_new_user", held_out: int = 40, seed: int = 0, **options) -> dict:
+    """adapt.py --curve for a fresh toy-task user who prefers short answers (the minority, for whom e_0 is
+    poor): fitted on 1, 4, 16 and 64 of their pairs, scored on `held_out` more."""
+    fit_pairs, held_pairs = toy_user_pairs(name, max(adapt.CURVE_SIZES), held_out, seed=1000 + seed)
+    return adapt.adapt_curve(run_dir, name, fit_pairs, held_pairs, "toy task, a new user who prefers short answers",
+                             seed=seed, **options)
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Write a built-in toy task's train.jsonl and valid.jsonl.")
-    p.add_argument("--out", required=True, help="output directory")
+    p = argparse.ArgumentParser(description="Write a built-in toy task's train.jsonl and valid.jsonl; or, with "
+                                "--curve RUN_DIR, adapt a fresh toy user to a run from 1, 4, 16 and 64 pairs.")
+    p.add_argument("--out", help="output directory (required unless --curve)")
     p.add_argument("--task", choices=list(TOY_TASKS), default="length")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--new-user", metavar="NAME", help="instead: 16 pairs (and 40 held out) of one new user who "
-                   "prefers short answers, for `eval.py adapt RUN --user NAME --data OUT/train.jsonl`")
+                   "prefers short answers, for `adapt.py RUN --user NAME --data OUT/train.jsonl`")
+    p.add_argument("--curve", metavar="RUN_DIR", help="held-out accuracy of a fresh toy user (--user, default "
+                   "toy_new_user) after 1, 4, 16, 64 pairs, against e_0; writes RUN_DIR/adapt_curve.json")
+    p.add_argument("--user", default="toy_new_user", help="the fresh user's name, with --curve")
+    p.add_argument("--held-out", type=int, default=40, help="held-out pairs of the toy user (default: %(default)s)")
+    adapt.curve_flags(p)
+    runs.common_flags(p)
     args = p.parse_args(argv)
-    if args.new_user:
+    if args.curve:
+        try:
+            r = toy_curve(args.curve, args.user, args.held_out, seed=args.seed, reference=args.reference,
+                          steps=args.steps, lr=args.lr, device=args.device, quiet=args.quiet)
+        except (ValueError, FileNotFoundError) as e:
+            runs.fail(str(e))
+        adapt.print_curve(r, args.curve)
+    elif not args.out:
+        p.error("--out is required (or --curve RUN_DIR)")
+    elif args.new_user:
         data.write_split(args.out, *toy_user_pairs(args.new_user, 16, 40, seed=1000 + args.seed))
     else:
         data.write_split(args.out, *TOY_TASKS[args.task](seed=args.seed))

@@ -19,6 +19,7 @@ import prlhf
 import train as T
 from tests.helpers import toy_setup
 import adapt as A
+import runs as R
 from examples import toy as toy_tasks
 import report
 
@@ -166,15 +167,15 @@ def test_swapped_pairs_and_unseen_users_score_as_they_must(runs):
     known = [p for p in valid if p.user == user]
     swapped = [data.Pair(p.user, p.prompt, p.rejected, p.chosen, group=p.group) for p in known]
     stranger = [data.Pair("stranger", p.prompt, p.chosen, p.rejected) for p in known]
-    run = E.open_run(runs / "pdpo", torch.float32, "cpu")
-    reference = E.load_reference(runs / "pdpo", run, None, torch.float32, "cpu")
+    run = R.open_run(runs / "pdpo", torch.float32, "cpu")
+    reference = R.load_reference(runs / "pdpo", run, None, torch.float32, "cpu")
     score = lambda pairs: E.score_run(run, reference, pairs, device="cpu")  # noqa: E731
     original, flipped, unseen = score(known), score(swapped), score(stranger)
     # shared-prompt rows put the other response second after swapping: equal up to float32 rounding
     assert [r["margin"] for r in flipped] == pytest.approx([-r["margin"] for r in original], abs=1e-5, rel=1e-5)
     assert {r["status"] for r in original} == {"known"} and {r["status"] for r in unseen} == {"unseen"}
-    generic = A.row_accuracy(run, run.user_model, 0, E.tokenize(run, known), "cpu",
-                             E.online_reference(reference, run.pdpo))
+    generic = A.row_accuracy(run, run.user_model, 0, R.tokenize(run, known), "cpu",
+                             R.online_reference(reference, run.pdpo))
     assert generic["mean_margin"] == pytest.approx(sum(r["margin"] for r in unseen) / len(unseen), abs=1e-5)
     assert abs(generic["mean_margin"] - sum(r["margin"] for r in original) / len(original)) > 1e-3  # e_u != e_0
 
@@ -233,12 +234,12 @@ def test_reward_model_run_scored_by_its_head(runs, tmp_path):
 def test_greedy_generation_decodes_each_prompt_and_embedding_once(runs, name, monkeypatch):
     """Items that share a prompt and a user embedding (two strangers: both e_0; every user of vanilla DPO)
     get the answer each would get alone, and only the distinct ones are decoded."""
-    run = E.open_run(runs / name, torch.float32, "cpu")
+    run = R.open_run(runs / name, torch.float32, "cpu")
     valid = data.read_pairs(runs / "valid.jsonl")
     known = next(p.user for p in valid if p.group == "short")
     prompts = list(dict.fromkeys(p.prompt for p in valid))[:3]
     pairs = [data.Pair(user, prompt, " a", " b") for prompt in prompts for user in (known, "stranger", "other", known)]
-    items = E.tokenize(run, pairs)
+    items = R.tokenize(run, pairs)
     decoded = []
     generate = E.lm.generate
     monkeypatch.setattr(E.lm, "generate", lambda model, prompts, *a, **kw: decoded.extend(prompts) or generate(
@@ -258,8 +259,8 @@ def test_greedy_generation_decodes_each_prompt_and_embedding_once(runs, name, mo
 
 def test_adaptation_beats_the_generic_embedding_on_held_out_pairs(runs):
     """A fresh toy user who prefers the minority's short answers: e_0 serves them badly, their own row well."""
-    run = E.open_run(runs / "pdpo", torch.float32, "cpu")
-    reference = E.load_reference(runs / "pdpo", run, None, torch.float32, "cpu")
+    run = R.open_run(runs / "pdpo", torch.float32, "cpu")
+    reference = R.load_reference(runs / "pdpo", run, None, torch.float32, "cpu")
     fit, held_out = toy_tasks.toy_user_pairs("newcomer", 16, 40, seed=1000)
     curve = A.adaptation_curve(run, reference, fit, held_out, "newcomer", device="cpu", sizes=(4, 16), steps=16,
                                quiet=True)
@@ -274,7 +275,7 @@ def test_adapt_saves_a_new_row_and_serves_the_user_as_known(runs, tmp_path, caps
     shutil.copytree(runs / "pdpo", run_dir, ignore=shutil.ignore_patterns("checkpoint"))
     before, weights = prlhf.load_user_model(run_dir), sha(run_dir / "model.safetensors")
     fit, held_out = toy_tasks.toy_user_pairs("newcomer", 16, 12, seed=2000)
-    E.main(["adapt", str(run_dir), "--user", "newcomer", "--data", str(write(tmp_path / "fit.jsonl", fit)),
+    A.main([str(run_dir), "--user", "newcomer", "--data", str(write(tmp_path / "fit.jsonl", fit)),
             "--steps", "16", "--quiet"])
     assert "newcomer is now a known user" in capsys.readouterr().out
     user_model, registry = prlhf.load_user_model(run_dir)
@@ -291,7 +292,7 @@ def test_adapt_curve_command_saves_nothing_into_the_user_model(runs, tmp_path, c
     run_dir = tmp_path / "run"
     shutil.copytree(runs / "pdpo", run_dir, ignore=shutil.ignore_patterns("checkpoint"))
     users = sha(run_dir / "users.json"), sha(run_dir / "user_model.safetensors")
-    E.main(["adapt", str(run_dir), "--curve", "--steps", "8", "--held-out", "8", "--quiet"])
+    toy_tasks.main(["--curve", str(run_dir), "--steps", "8", "--held-out", "8", "--quiet"])
     out = capsys.readouterr().out
     for label in ("generic e_0", "1 pairs", "4 pairs", "16 pairs", "64 pairs"):
         assert label in out, label
@@ -303,8 +304,8 @@ def test_adapt_curve_command_saves_nothing_into_the_user_model(runs, tmp_path, c
 
 @pytest.mark.parametrize("kind", ["pdpo", "cluster"])
 def test_new_row_starts_at_e0_and_only_it_moves(runs, kind):
-    run = E.open_run(runs / kind, torch.float32, "cpu")
-    reference = E.load_reference(runs / kind, run, None, torch.float32, "cpu")
+    run = R.open_run(runs / kind, torch.float32, "cpu")
+    reference = R.load_reference(runs / kind, run, None, torch.float32, "cpu")
     user_model, registry = A.add_user(run.user_model, run.registry, "newcomer")
     row = registry.row("newcomer")
     assert row == len(run.registry)  # appended after the known users
@@ -313,8 +314,8 @@ def test_new_row_starts_at_e0_and_only_it_moves(runs, kind):
         assert torch.equal(e[0], e[1])  # o_new = 0 (individual) or w_new = w_0 (cluster): e_new = e_0
     start = {k: v.detach().clone() for k, v in user_model.state_dict().items()}
     fit, _ = toy_tasks.toy_user_pairs("newcomer", 8, 1, seed=3000)
-    collate = E.pair_collate(run, "cpu", registry.row)
-    A.fit_user_row(run, user_model, row, E.tokenize(run, fit), collate, E.online_reference(reference, run.pdpo),
+    collate = R.pair_collate(run, "cpu", registry.row)
+    A.fit_user_row(run, user_model, row, R.tokenize(run, fit), collate, R.online_reference(reference, run.pdpo),
                    steps=4, lr=0.1)
     table = "user_logits" if kind == "cluster" else "embeddings"
     for name, value in user_model.state_dict().items():
@@ -325,14 +326,14 @@ def test_new_row_starts_at_e0_and_only_it_moves(runs, kind):
 
 
 def test_adapt_refuses_what_it_cannot_do(runs, capsys):
-    run = E.open_run(runs / "dpo", torch.float32, "cpu")
+    run = R.open_run(runs / "dpo", torch.float32, "cpu")
     with pytest.raises(ValueError, match="uniform"):
         A.add_user(run.user_model, run.registry, "x")
-    run = E.open_run(runs / "pdpo", torch.float32, "cpu")
+    run = R.open_run(runs / "pdpo", torch.float32, "cpu")
     with pytest.raises(ValueError, match="already known"):
         A.add_user(run.user_model, run.registry, "user_01")
     with pytest.raises(SystemExit) as exit_info:
-        E.main(["adapt", str(runs / "pdpo"), "--user", "ghost", "--data", str(runs / "valid.jsonl")])
+        A.main([str(runs / "pdpo"), "--user", "ghost", "--data", str(runs / "valid.jsonl")])
     assert exit_info.value.code == 2
     assert 'no pairs with "user": "ghost"' in capsys.readouterr().err
 
@@ -342,7 +343,7 @@ def test_adapt_refuses_what_it_cannot_do(runs, capsys):
 
 
 def test_users_lists_cluster_weights_and_nearest_neighbours(runs, capsys):
-    E.main(["users", str(runs / "cluster")])
+    A.main(["users", str(runs / "cluster")])
     lines = capsys.readouterr().out.splitlines()
     assert "cluster user model" in lines[0] and "K = 2" in lines[0]
     user_model, registry = prlhf.load_user_model(runs / "cluster")
@@ -352,7 +353,7 @@ def test_users_lists_cluster_weights_and_nearest_neighbours(runs, capsys):
         assert (int(row), user) == (i, name)
         assert [float(w) for w in rest[:2]] == pytest.approx(expected[i].tolist(), abs=1e-3)
 
-    E.main(["users", str(runs / "pdpo"), "--neighbours", "1"])
+    A.main(["users", str(runs / "pdpo"), "--neighbours", "1"])
     lines = capsys.readouterr().out.splitlines()
     user_model, registry = prlhf.load_user_model(runs / "pdpo")
     names = ["<generic e_0>"] + registry.users
@@ -416,11 +417,11 @@ def test_data_with_no_known_user_warns_and_still_evaluates(runs, tmp_path, capsy
 
 
 def test_help_names_the_paper_symbols(capsys):
-    for argv, texts in ((["--help"], ("RUN_DIR", "--data", "--baseline", "e_0", "r(x, y, u)", "adapt", "users")),
-                        (["adapt", "--help"], ("--user", "--curve", "e_0", "f_P")),
-                        (["users", "--help"], ("softmax(w_i)", "cosine"))):
+    for main, argv, texts in ((E.main, ["--help"], ("RUN_DIR", "--data", "--baseline", "e_0", "r(x, y, u)", "adapt", "users")),
+                              (A.main, ["--help"], ("--user", "--curve", "e_0", "f_P")),
+                              (A.main, ["users", "--help"], ("softmax(w_i)", "cosine"))):
         with pytest.raises(SystemExit) as exit_info:
-            E.main(argv)
+            main(argv)
         assert exit_info.value.code == 0
         out = capsys.readouterr().out
         for text in texts:
@@ -450,10 +451,10 @@ def test_generate_answers_side_by_side_and_tells_an_unknown_user(runs, capsys):
     lines = captured.out.splitlines()
     assert [line.split("] ", 1)[0] for line in lines] == ["[user_01", "[stranger, unseen: e_0"]
     assert captured.err.strip() == f"note: stranger is not a user of {run}: answered with the generic embedding e_0"
-    opened = E.open_run(run, torch.float32, "cpu")
+    opened = R.open_run(run, torch.float32, "cpu")
     pairs = [data.Pair(u, " Describe the apple.", "a", "b") for u in ("user_01", "stranger")]
     expected = E.generate_responses(opened.model, opened.user_model, opened.registry, opened.tokenizer,
-                                    E.tokenize(opened, pairs), max_new_tokens=12)
+                                    R.tokenize(opened, pairs), max_new_tokens=12)
     assert [line.split("] ", 1)[1] for line in lines] == [g["response"].strip() for g in expected]
 
 
@@ -553,7 +554,7 @@ def test_metrics_carry_per_user_accuracy_and_user_model_norms(runs):
 
 
 def test_attention_weights_are_the_ones_sdpa_applies(runs):
-    run = E.open_run(runs / "pdpo", torch.float32, "cpu")
+    run = R.open_run(runs / "pdpo", torch.float32, "cpu")
     attention = run.model.layers[0].attention
     x = torch.randn(2, 7, run.model.config.hidden_size)
     cos, sin = lm.rope_cos_sin(torch.arange(7)[None].expand(2, 7), lm.rope_inv_freq(run.model.config), x.dtype)
