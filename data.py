@@ -8,12 +8,13 @@ personalized preference tuples (u, x, y_w, y_l) and the sequence layouts
     reference:  [BOS] [prompt] [response] [EOS]                       (never sees user information)
 
 In reading order:
+  0. Files          read_text, read_json; they and the JSON Lines readers accept a UTF-8 byte-order mark and CRLF
   1. Tokenizer      load_tokenizer, train_bpe_tokenizer (a thin wrapper over the `tokenizers` library)
   2. Pairs          one JSON object per line: {"user", "prompt", "chosen", "rejected"[, "user_text", "group"]}
   3. Tokenization   tokenize_pairs, with the truncation policy stated in its docstring
   4. Batching       make_batches: length-bucketed, seeded, shardable
   5. Collate        collate_pairs (P-DPO / P-RM) and collate_sft (supervised fine-tuning)
-  6. Command line   python data.py check FILE
+  6. Command line   python data.py check FILE; one-line argparse errors and checked numeric flags (Number)
 
 The paper's datasets are converted by prepare/ (python -m prepare.tldr, .psoups, .prism); the built-in toy
 tasks and the SmolLM2 experiment live in examples/.
@@ -21,7 +22,10 @@ Only `tokenizers`, `numpy` and `torch` are used; nothing here touches the networ
 """
 
 import argparse
+import codecs
+import contextlib
 import json
+import math
 import os
 import sys
 import tempfile
@@ -38,6 +42,46 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 class DataError(ValueError):
     """A problem with an input file, stated in one line: `FILE:LINE: what is wrong and what would work`."""
+
+
+# Files as people save them: a UTF-8 byte-order mark (written by several Windows editors and spreadsheet
+# exports) and CRLF line ends are accepted everywhere; what is really wrong is one line naming file and line.
+
+
+def _unreadable(path, e: OSError) -> DataError:
+    reasons = {FileNotFoundError: "file not found", IsADirectoryError: "is a directory, expected a file"}
+    return DataError(f"{path}: {reasons.get(type(e)) or f'cannot be read ({e.strerror or e})'}")
+
+
+def _decode(raw: bytes, path, lineno: int) -> str:
+    """UTF-8 bytes from line `lineno` of `path` on, without a leading byte-order mark."""
+    raw = raw.removeprefix(codecs.BOM_UTF8)
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line, column = lineno + raw.count(b"\n", 0, e.start), e.start - raw.rfind(b"\n", 0, e.start)
+        raise DataError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {column}); "
+                        f"save the file as UTF-8") from None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A whole UTF-8 text file (a byte-order mark dropped); DataError if missing, a directory or not UTF-8."""
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise _unreadable(path, e) from None
+    return _decode(raw, path, 1)
+
+
+def read_json(path: str | os.PathLike):
+    """The JSON value a file holds (read_text's rules); DataError naming file:line where it is not JSON."""
+    text = read_text(path)
+    if not text.strip():
+        raise DataError(f"{path}: empty file, expected JSON")
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -80,7 +124,7 @@ class Tokenizer:
             return  # saved over its own checkpoint: the other files are already there
         kept = [name for name in TOKENIZER_FILES if self.source is not None and (Path(self.source) / name).is_file()]
         for name in kept:
-            _write_atomically(directory / name, (Path(self.source) / name).read_text(encoding="utf-8"))
+            _write_atomically((directory / name, (Path(self.source) / name).read_text(encoding="utf-8")))
         if "tokenizer_config.json" in kept:
             return
         config = {
@@ -91,7 +135,7 @@ class Tokenizer:
             # Hugging Face would otherwise "clean up" spaces on decode and disagree with `decode` above.
             "clean_up_tokenization_spaces": False,
         }
-        _write_atomically(directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+        _write_atomically((directory / "tokenizer_config.json", json.dumps(config, indent=2) + "\n"))
 
 
 # Files of a Hugging Face checkpoint that describe its tokenizer and how it is prompted, besides tokenizer.json.
@@ -102,11 +146,7 @@ TOKENIZER_FILES = ("tokenizer_config.json", "special_tokens_map.json", "chat_tem
 def _read_json_if_present(path: Path) -> dict:
     if not path.exists():
         return {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            value = json.load(f)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
+    value = read_json(path)
     if not isinstance(value, dict):
         raise DataError(f"{path}: expected a JSON object, got {type(value).__name__}")
     return value
@@ -152,8 +192,9 @@ def load_tokenizer(checkpoint_dir: str | os.PathLike) -> Tokenizer:
             f"only a sentencepiece model, write one once with transformers: "
             f"AutoTokenizer.from_pretrained(dir).save_pretrained(dir)"
         )
+    text = read_text(path)  # not from_file: it refuses a UTF-8 byte-order mark
     try:
-        backend = BackendTokenizer.from_file(str(path))
+        backend = BackendTokenizer.from_str(text)
     except Exception as e:  # the tokenizers library's own errors: truncated or not a tokenizer at all
         raise DataError(f"{path}: not a readable tokenizer.json ({e})") from None
     eos_id = _special_token_id(directory, backend, "eos")
@@ -226,16 +267,15 @@ class Pair:
 
 
 def read_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
-    """Yield (line number, object) for each non-blank line; raise DataError at the first bad line."""
-    with open(path, "rb") as f:
+    """Yield (line number, object) for each non-blank line; raise DataError at the first bad line.
+    Lines may end in LF or CRLF, and start with a byte-order mark (files joined with `cat` keep theirs)."""
+    try:
+        f = open(path, "rb")
+    except OSError as e:
+        raise _unreadable(path, e) from None
+    with f:
         for lineno, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{path}:{lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1}); "
-                    f"save the file as UTF-8"
-                ) from None
+            line = _decode(raw, path, lineno)
             if not line.strip():
                 continue
             try:
@@ -250,9 +290,36 @@ def read_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             yield lineno, value
 
 
+def read_jsonl_records(path: str | os.PathLike, what: str) -> list[tuple[int, dict]]:
+    """read_jsonl_objects as a list; DataError for a file without any (`what` names them: "pairs")."""
+    records = list(read_jsonl_objects(path))
+    if not records:
+        raise DataError(f"{path}: no {what} found (the file is empty or has only blank lines)")
+    return records
+
+
 def json_type(value) -> str:
     names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
     return "null" if value is None else names.get(type(value), type(value).__name__)
+
+
+_JSON_KINDS = {
+    "string": lambda v: isinstance(v, str),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "object": lambda v: isinstance(v, dict),
+    "list": lambda v: isinstance(v, list),
+}
+
+
+def json_field(obj: dict, name: str, kind: str, where: str):
+    """obj[name] if it is a JSON value of `kind` (a key of _JSON_KINDS), else a DataError naming `where`."""
+    value = obj.get(name)
+    if not _JSON_KINDS[kind](value):
+        got = json_type(value) if name in obj else "nothing (the field is missing)"
+        raise DataError(f"{where}: field {name!r} must be a{'n' * (kind[0] in 'aeiou')} {kind}, got {got}")
+    return value
 
 
 def _pair_from_object(obj: dict, where: str) -> Pair:
@@ -287,27 +354,31 @@ def read_pairs(path: str | os.PathLike) -> list[Pair]:
     Raises DataError("FILE:LINE: ...") on the first malformed line, and for a file without pairs.
     Integer user ids become strings. Fields other than those of `Pair` are ignored.
     """
-    pairs = [_pair_from_object(obj, f"{path}:{lineno}") for lineno, obj in read_jsonl_objects(path)]
-    if not pairs:
-        raise DataError(f"{path}: no pairs found (the file is empty or has only blank lines)")
-    return pairs
+    return [_pair_from_object(obj, f"{path}:{lineno}") for lineno, obj in read_jsonl_records(path, "pairs")]
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    """Write via a temporary file and os.replace, so a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+def _write_atomically(*files: tuple[Path, str]) -> None:
+    """Write (path, text) files via temporary files and os.replace, renamed only once all are written, so a
+    failure or crash never leaves a half-written file (nor, short of one between the renames, half a set)."""
+    staged = []
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, path)
+        for path, text in files:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+            staged.append(tmp)
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(text)
+        for tmp, (path, _) in zip(staged, files):
+            os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        for tmp in staged:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
         raise
 
 
-def write_pairs(path: str | os.PathLike, pairs: Sequence[Pair]) -> None:
-    """Write pairs as JSON Lines (atomically); optional fields that are None are left out."""
+def pairs_text(pairs: Sequence[Pair]) -> str:
+    """Pairs as JSON Lines; optional fields that are None are left out."""
     lines = []
     for pair in pairs:
         obj = {"user": pair.user, "prompt": pair.prompt, "chosen": pair.chosen, "rejected": pair.rejected}
@@ -315,7 +386,12 @@ def write_pairs(path: str | os.PathLike, pairs: Sequence[Pair]) -> None:
             if getattr(pair, field) is not None:
                 obj[field] = getattr(pair, field)
         lines.append(json.dumps(obj, ensure_ascii=False) + "\n")
-    _write_atomically(Path(path), "".join(lines))
+    return "".join(lines)
+
+
+def write_pairs(path: str | os.PathLike, pairs: Sequence[Pair]) -> None:
+    """Write pairs as JSON Lines (atomically, see pairs_text)."""
+    _write_atomically((Path(path), pairs_text(pairs)))
 
 
 def describe_pairs(pairs: Sequence[Pair]) -> str:
@@ -573,16 +649,63 @@ def collate_sft(items: Sequence[SFTExample], tokenizer: Tokenizer) -> dict:
 # ----------------------------------------------------------------------------------------------------
 
 
+def check_out_dir(out: Path) -> None:
+    """DataError unless `out` is a directory, or can be made one: its nearest existing parent is a writable
+    directory. Commands check their output place before any work, so a typo costs nothing."""
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a directory; give a directory to write into")
+    place = out if out.exists() else next(p for p in out.absolute().parents if p.exists())
+    if not place.is_dir() or not os.access(place, os.W_OK | os.X_OK):
+        raise DataError(f"{out}: cannot be written, {place} is not a writable directory")
+
+
 def write_split(out_dir, train: list[Pair], valid: list[Pair]) -> None:
-    """OUT/train.jsonl and OUT/valid.jsonl, each with a line saying what it holds."""
-    for name, pairs in (("train", train), ("valid", valid)):
-        path = Path(out_dir) / f"{name}.jsonl"
-        write_pairs(path, pairs)
+    """OUT/train.jsonl and OUT/valid.jsonl, both or neither, each with a line saying what it holds."""
+    split = {Path(out_dir) / f"{name}.jsonl": pairs for name, pairs in (("train", train), ("valid", valid))}
+    _write_atomically(*((path, pairs_text(pairs)) for path, pairs in split.items()))
+    for path, pairs in split.items():
         print(f"wrote {path}: {describe_pairs(pairs)}")
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, as the commands' other errors: `error: argument --p-long: got '1.5',
+    expected a number from 0 to 1 (see PROG --help)`; the usage block stays in --help."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+@dataclass(frozen=True)
+class Number:
+    """The argparse type of a numeric flag: a finite int or float from `low` to `high` (None: unbounded).
+    str() says what is accepted, for the flag's --help and its error."""
+
+    kind: type = int
+    low: float | None = None
+    high: float | None = None
+
+    def __str__(self) -> str:
+        noun = "an integer" if self.kind is int else "a number"
+        if self.low is not None and self.high is not None:
+            return f"{noun} from {self.low} to {self.high}"
+        if self.low is not None or self.high is not None:
+            return f"{noun} {'>= ' + str(self.low) if self.low is not None else '<= ' + str(self.high)}"
+        return noun
+
+    def __call__(self, text: str):
+        try:
+            value = self.kind(text)
+            ok = ((self.kind is int or math.isfinite(value)) and (self.low is None or value >= self.low)
+                  and (self.high is None or value <= self.high))
+        except ValueError:
+            ok = False
+        if not ok:
+            raise argparse.ArgumentTypeError(f"got {text!r}, expected {self}")
+        return value
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Check a JSON Lines file of personalized preference pairs. "
+    parser = ArgumentParser(prog="data.py", description="Check a JSON Lines file of personalized preference pairs. "
                                      "Converters for the paper's datasets: python -m prepare.{tldr,psoups,prism}; "
                                      "the toy tasks: python -m examples.toy.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -10,6 +10,7 @@ OUT/valid.jsonl and prints what it kept and dropped:
 Nothing here touches the network. docs/reference_code.md says where we depart from the reference code.
 """
 import sys
+from pathlib import Path
 
 import data
 
@@ -18,6 +19,7 @@ def convert_and_write(convert, out_dir) -> int:
     """Run convert() -> (train, valid, stats), print the stats and write the split; exit code 0.
     A person's input problem (a missing file, a bad record) is one line on stderr and exit code 2."""
     try:
+        data.check_out_dir(Path(out_dir))
         train, valid, stats = convert()
         if stats:
             print(", ".join(f"{k} {v}" for k, v in stats.items()))

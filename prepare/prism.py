@@ -3,7 +3,6 @@ conversations, from PRISM's survey.jsonl and conversations.jsonl (downloaded by 
 
     python -m prepare.prism --dir PRISM --out data/prism [--stated-prefs top-rated|shown-first]
 """
-import argparse
 import os
 import random
 import sys
@@ -12,7 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from data import DataError, Pair, json_type, read_jsonl_objects
+import data
+from data import DataError, Pair, json_field, json_type, read_jsonl_records
 from prepare import convert_and_write
 
 
@@ -33,34 +33,16 @@ PRISM_EMPTY = "EMPTY STRING"  # how PRISM stores an empty model response
 _CHAT_HEADER = "<|start_header_id|>{role}<|end_header_id|>\n\n"
 _CHAT_END = "<|eot_id|>\n"
 
-_JSON_KINDS = {
-    "string": lambda v: isinstance(v, str),
-    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
-    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
-    "boolean": lambda v: isinstance(v, bool),
-    "object": lambda v: isinstance(v, dict),
-    "list": lambda v: isinstance(v, list),
-}
-
-
-def _field(obj: dict, name: str, kind: str, where: str):
-    """obj[name] if it is a JSON value of `kind` (a key of _JSON_KINDS), else a DataError naming `where`."""
-    value = obj.get(name)
-    if not _JSON_KINDS[kind](value):
-        got = json_type(value) if name in obj else "nothing (the field is missing)"
-        raise DataError(f"{where}: field {name!r} must be a{'n' * (kind[0] in 'aeiou')} {kind}, got {got}")
-    return value
-
 
 def _prism_stated_prefs(survey: dict, where: str, rule: str) -> list[str]:
     """The three attributes the user text names. "top-rated": the three the user rated highest (ties: the
     one shown first). "shown-first", the reference code's: order_stated_prefs 1-3, in the order shown,
     which the codebook says is a random display order, not a ranking."""
-    ratings = _field(survey, "stated_prefs", "object", where)
-    order = _field(survey, "order_stated_prefs", "object", where)
+    ratings = json_field(survey, "stated_prefs", "object", where)
+    order = json_field(survey, "order_stated_prefs", "object", where)
     for attribute in PRISM_ATTRIBUTES:
-        _field(ratings, attribute, "number", f"{where}: stated_prefs")
-        _field(order, attribute, "integer", f"{where}: order_stated_prefs")
+        json_field(ratings, attribute, "number", f"{where}: stated_prefs")
+        json_field(order, attribute, "integer", f"{where}: order_stated_prefs")
     if rule == "shown-first":
         return sorted((a for a in PRISM_ATTRIBUTES if order[a] <= 3), key=order.get)
     return sorted(PRISM_ATTRIBUTES, key=lambda a: (-ratings[a], order[a]))[:3]
@@ -78,7 +60,7 @@ def prism_user_text(survey: dict, where: str, stated_prefs: str = "top-rated") -
     preferences = ", ".join(_prism_stated_prefs(survey, where, stated_prefs))
     lines = ["User information:", f"Stated preferences: {preferences}"]
     for name, label in PRISM_PROFILE:
-        if survey.get(name) is not None and _field(survey, name, "string", where).strip():
+        if survey.get(name) is not None and json_field(survey, name, "string", where).strip():
             lines.append(f"{label}: {survey[name].strip()}")
     return "\n".join(lines) + "\n"
 
@@ -86,9 +68,9 @@ def prism_user_text(survey: dict, where: str, stated_prefs: str = "top-rated") -
 def _read_prism_survey(path: Path, stated_prefs: str) -> dict[str, str]:
     """user_id -> user text, for participants who went on to the conversations."""
     texts = {}
-    for lineno, survey in read_jsonl_objects(path):
+    for lineno, survey in read_jsonl_records(path, "survey records"):
         where = f"{path}:{lineno}"
-        user = _field(survey, "user_id", "string", where)
+        user = json_field(survey, "user_id", "string", where)
         if survey.get("num_completed_conversations") != 0:  # 0: survey only, never in conversations.jsonl
             texts[user] = prism_user_text(survey, where, stated_prefs)
     return texts
@@ -110,16 +92,16 @@ class _PrismTurn:
 def _prism_turns(conversation: dict, where: str) -> list[_PrismTurn]:
     """conversation_history grouped by `turn`, in turn order; each turn needs one user message."""
     turns: dict[int, _PrismTurn] = {}
-    for i, message in enumerate(_field(conversation, "conversation_history", "list", where)):
+    for i, message in enumerate(json_field(conversation, "conversation_history", "list", where)):
         at = f"{where}: conversation_history[{i}]"
         if not isinstance(message, dict):
             raise DataError(f"{at}: expected an object with turn, role, content, got a {json_type(message)}")
-        turn = turns.setdefault(_field(message, "turn", "integer", at), _PrismTurn(None, []))
-        content, role = _field(message, "content", "string", at), message.get("role")
+        turn = turns.setdefault(json_field(message, "turn", "integer", at), _PrismTurn(None, []))
+        content, role = json_field(message, "content", "string", at), message.get("role")
         if role == "user":
             turn.user = content
         elif role == "model":
-            score, chosen = _field(message, "score", "number", at), _field(message, "if_chosen", "boolean", at)
+            score, chosen = json_field(message, "score", "number", at), json_field(message, "if_chosen", "boolean", at)
             turn.responses.append(_PrismResponse(content, score, chosen))
         else:
             raise DataError(f"{at}: field 'role' must be 'user' or 'model', got {role!r}")
@@ -240,16 +222,16 @@ def prism_to_pairs(
         raise ValueError(f"stated_prefs={stated_prefs!r}: expected 'top-rated' or 'shown-first'")
     directory = Path(prism_dir)
     for name in ("survey.jsonl", "conversations.jsonl"):
-        if not (directory / name).is_file():
+        if not (directory / name).exists():  # a directory of that name: read_jsonl_records says so
             raise DataError(
                 f"{directory / name}: file not found (expected PRISM's survey.jsonl and conversations.jsonl)"
             )
     texts = _read_prism_survey(directory / "survey.jsonl", stated_prefs)
     counts, by_user = Counter(), {}
     path = directory / "conversations.jsonl"
-    for lineno, conversation in read_jsonl_objects(path):
+    for lineno, conversation in read_jsonl_records(path, "conversations"):
         where = f"{path}:{lineno}"
-        user = _field(conversation, "user_id", "string", where)
+        user = json_field(conversation, "user_id", "string", where)
         if user not in texts:
             raise DataError(f"{where}: user_id {user!r} has no survey in {directory / 'survey.jsonl'} "
                             f"(or one with num_completed_conversations 0)")
@@ -275,17 +257,20 @@ def prism_to_pairs(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="PRISM survey.jsonl + conversations.jsonl -> pairs with user text")
+    p = data.ArgumentParser(prog="python -m prepare.prism",
+                            description="PRISM survey.jsonl + conversations.jsonl -> pairs with user text")
     p.add_argument("--dir", required=True, help="folder with PRISM's survey.jsonl and conversations.jsonl")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--stated-prefs", choices=["top-rated", "shown-first"], default="top-rated", help=(
         "which three stated_prefs attributes the user text names: top-rated (default), the three the user "
         "rated highest; shown-first, the reference code's, the three shown first (order_stated_prefs 1-3, "
         "a random display order per PRISM's codebook, not a ranking)"))
-    p.add_argument("--max-prompt-chars", type=int, default=1500, help=(
+    max_prompt_chars, seed = data.Number(int, 1), data.Number(int, 0)
+    p.add_argument("--max-prompt-chars", type=max_prompt_chars, default=1500, help=(
         "characters of user text + prompt (the reference code's 1500, about 500 tokens); earlier turns are cut "
-        "from the left, the current user message is kept whole"))
-    p.add_argument("--seed", type=int, default=0, help="seed of the user and conversation split")
+        f"from the left, the current user message is kept whole; {max_prompt_chars} (default: %(default)s)"))
+    p.add_argument("--seed", type=seed, default=0,
+                   help=f"seed of the user and conversation split; {seed} (default: %(default)s)")
     args = p.parse_args(argv)
     return convert_and_write(lambda: prism_to_pairs(args.dir, stated_prefs=args.stated_prefs,
                                                     max_prompt_chars=args.max_prompt_chars, seed=args.seed), args.out)

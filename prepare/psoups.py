@@ -4,8 +4,6 @@ instruction is removed from the prompt, so only the user's identity tells the pr
 
     python -m prepare.psoups --dir P-SOUPS/data/rm_training --out data/psoups
 """
-import argparse
-import json
 import os
 import random
 import re
@@ -13,7 +11,8 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from data import DataError, Pair, json_type, read_jsonl_objects
+import data
+from data import DataError, Pair, json_type, read_jsonl_records
 from prepare import convert_and_write
 
 
@@ -50,17 +49,14 @@ def _read_psoups_records(path: Path) -> list[dict]:
     """A JSON list of records, or JSON Lines (both appear in copies of the data)."""
     if not path.exists():
         raise DataError(f"{path}: file not found (expected P1A.json .. P3B.json of P-SOUPS data/rm_training)")
-    text = path.read_text(encoding="utf-8")
-    if text.lstrip().startswith("["):
-        try:
-            records = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
-        if not isinstance(records, list):
-            raise DataError(f"{path}: expected a JSON list of records, got a {json_type(records)}")
+    if data.read_text(path).lstrip().startswith("["):
+        records = data.read_json(path)
+        if not isinstance(records, list) or not records:
+            got = "an empty list" if isinstance(records, list) else f"a {json_type(records)}"
+            raise DataError(f"{path}: expected a JSON list of records, got {got}")
         where = [f"{path}: record {i}" for i in range(len(records))]
     else:
-        numbered = list(read_jsonl_objects(path))
+        numbered = read_jsonl_records(path, "records")
         records, where = [r for _, r in numbered], [f"{path}:{n}" for n, _ in numbered]
     for record, place in zip(records, where):
         for field in ("user_input", "completion_a", "completion_b"):
@@ -121,10 +117,12 @@ def psoups_to_pairs(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="Personalized Soups rm_training/P1A.json..P3B.json -> pairs")
+    p = data.ArgumentParser(prog="python -m prepare.psoups",
+                            description="Personalized Soups rm_training/P1A.json..P3B.json -> pairs")
     p.add_argument("--dir", required=True, help="the P-SOUPS data/rm_training directory")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--seed", type=int, default=0)
+    seed = data.Number(int, 0)
+    p.add_argument("--seed", type=seed, default=0, help=f"seed of the split by question; {seed} (default: %(default)s)")
     args = p.parse_args(argv)
     return convert_and_write(lambda: psoups_to_pairs(args.dir, seed=args.seed), args.out)
 

@@ -7,7 +7,6 @@ users, as in the paper and its reference code.
 
     python -m prepare.tldr --comparisons batch*.jsonl --out data/tldr [--valid FILES] [--n-users 10]
 """
-import argparse
 import os
 import random
 import sys
@@ -15,7 +14,8 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-from data import DataError, Pair, json_type, read_jsonl_objects
+import data
+from data import DataError, Pair, json_field, json_type, read_jsonl_records
 from prepare import convert_and_write
 
 
@@ -46,11 +46,11 @@ class _Comparison:
 
 def _tldr_comparison(record: dict, where: str) -> _Comparison | str:
     """Parse one comparison record; return the reason as a string if it is skipped."""
-    summaries, worker, info = record.get("summaries"), record.get("worker"), record.get("info")
-    if not isinstance(info, dict):
-        raise DataError(f"{where}: field 'info' must be an object with 'post' (or 'article') and 'title'")
-    if not isinstance(worker, str):
-        raise DataError(f"{where}: field 'worker' must be a string (annotator id), got {json_type(worker)}")
+    info, worker = json_field(record, "info", "object", where), json_field(record, "worker", "string", where)
+    for name in ("subreddit", "title", "post", "article"):
+        if info.get(name) is not None and not isinstance(info[name], str):
+            raise DataError(f"{where}: info: field {name!r} must be a string or null, got {json_type(info[name])}")
+    summaries = record.get("summaries")
     if not (
         isinstance(summaries, list)
         and len(summaries) == 2
@@ -103,7 +103,7 @@ def _read_tldr_comparisons(paths: Sequence, default: str, use_split_field: bool)
     `split` field says."""
     files = _TldrFiles({"train": [], "valid": []}, Counter(), {"train": Counter(), "valid": Counter()})
     for path in paths:
-        for lineno, record in read_jsonl_objects(path):
+        for lineno, record in read_jsonl_records(path, "comparison records"):
             role = _tldr_split(record, default) if use_split_field else default
             parsed = _tldr_comparison(record, f"{path}:{lineno}")
             files.roles[role] += 1
@@ -215,13 +215,17 @@ def tldr_to_pairs(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description="summarize_from_feedback comparisons -> conflicting length preferences")
+    p = data.ArgumentParser(prog="python -m prepare.tldr",
+                            description="summarize_from_feedback comparisons -> conflicting length preferences")
     p.add_argument("--comparisons", nargs="+", required=True, help="comparison JSON Lines files (training)")
     p.add_argument("--valid", nargs="*", default=[], help="validation files; default: each record's 'split'")
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--n-users", type=int, default=10, help="known users = top workers by count (paper: 10, 40)")
-    p.add_argument("--p-long", type=float, default=0.7, help="chance a known user prefers longer summaries")
-    p.add_argument("--seed", type=int, default=0)
+    n_users, p_long, seed = data.Number(int, 1), data.Number(float, 0, 1), data.Number(int, 0)
+    p.add_argument("--n-users", type=n_users, default=10,
+                   help=f"known users = top workers by count (paper: 10, 40); {n_users} (default: %(default)s)")
+    p.add_argument("--p-long", type=p_long, default=0.7,
+                   help=f"chance a known user prefers longer summaries; {p_long} (default: %(default)s)")
+    p.add_argument("--seed", type=seed, default=0, help=f"seed of the preferences; {seed} (default: %(default)s)")
     p.add_argument("--unseen-majority", action="store_true", help=(
         "label every unseen validation worker with the majority preference (group 'unseen'); default, as the "
         "reference code: each their own random preference with --p-long (groups 'unseen-long', 'unseen-short')"))

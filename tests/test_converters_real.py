@@ -11,6 +11,7 @@ import data
 from data import DataError
 from prepare import tldr
 from prepare import psoups
+from tests.test_data import WINDOWS_STYLES, save_as
 
 REAL = Path(__file__).resolve().parents[1] / ".." / "shared" / "real_data"
 TLDR = REAL / "tldr"
@@ -90,6 +91,29 @@ def test_tldr_cli_on_real_records(batch18_halves, tmp_path, capsys):
     assert printed[0].startswith("train 48, valid 49, known_users 6, ")
     assert "skipped_not_supervised 103, skipped_equal_length 0" in printed[0]
     assert len(data.read_pairs(out / "train.jsonl")) == 48 and len(data.read_pairs(out / "valid.jsonl")) == 49
+
+
+@pytest.mark.parametrize("style", WINDOWS_STYLES)
+def test_tldr_real_records_saved_with_bom_and_crlf(batch18_halves, tmp_path, style):
+    train_file, valid_file = batch18_halves
+    plain = tldr.tldr_to_pairs([train_file], valid_paths=[valid_file], seed=0)
+    for path in batch18_halves:
+        save_as(path, style)
+    assert tldr.tldr_to_pairs([train_file], valid_paths=[valid_file], seed=0) == plain
+    out = tmp_path / "out"
+    assert tldr.main(["--comparisons", str(train_file), "--valid", str(valid_file), "--out", str(out)]) == 0
+    assert data.read_pairs(out / "valid.jsonl") == plain[1]
+
+
+@pytest.mark.parametrize("style", WINDOWS_STYLES)
+def test_psoups_real_prompts_saved_with_bom_and_crlf(tmp_path, style):
+    """koala_eval_50.json with a byte-order mark or CRLF is still read as JSON: the error is the same field's."""
+    directory = tmp_path / "rm_training"
+    directory.mkdir()
+    for user in psoups.PSOUPS_PREFERENCES:
+        save_as(Path(shutil.copy(REAL / "psoups" / "koala_eval_50.json", directory / f"{user}.json")), style)
+    with pytest.raises(DataError, match=r"P1A.json: record 0: needs string fields user_input, completion_a"):
+        psoups.psoups_to_pairs(directory)
 
 
 def test_psoups_evaluation_prompts_are_not_comparisons(tmp_path):

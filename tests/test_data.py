@@ -17,6 +17,7 @@ from data import DataError, Pair, TokenizedPair
 from tests.helpers import tiny_tokenizer
 from prepare import tldr
 from prepare import psoups
+from prepare import prism
 from examples import toy as toy_tasks
 from examples import smollm2 as smollm2_example
 
@@ -151,6 +152,52 @@ def test_opens_in_transformers_with_same_ids(tok, tokenizer_dir):
 # ---------------------------------------------------------------------------------------------------
 # 2. Pairs
 # ---------------------------------------------------------------------------------------------------
+
+
+WINDOWS_STYLES = ["bom", "crlf", "bom+crlf"]
+
+
+def save_as(path: Path, style: str) -> Path:
+    """Rewrite a UTF-8 file as Windows editors and spreadsheet exports save it: with a byte-order mark, CRLF
+    line ends, or both (style "bom", "crlf", "bom+crlf")."""
+    raw = path.read_bytes()
+    if "crlf" in style:
+        raw = raw.replace(b"\n", b"\r\n")
+    path.write_bytes(b"\xef\xbb\xbf" * ("bom" in style) + raw)
+    return path
+
+
+@pytest.mark.parametrize("style", WINDOWS_STYLES)
+def test_read_pairs_and_check_accept_bom_and_crlf(tmp_path, style):
+    pairs = [Pair("u1", "p", "c", "r", group="long"), Pair("u2", "p é", "c\nwith a line", "r", user_text="t")]
+    path = tmp_path / "pairs.jsonl"
+    data.write_pairs(path, pairs)
+    path.write_text(path.read_text() + "\n")  # and a blank line at the end, which becomes "\r\n"
+    save_as(path, style)
+    assert path.read_bytes().startswith(b"\xef\xbb\xbf") == ("bom" in style) and (b"\r\n" in path.read_bytes()) == ("crlf" in style)
+    assert data.read_pairs(path) == pairs
+    result = subprocess.run([sys.executable, "data.py", "check", str(path)], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert result.stdout == f"{path}: 2 pairs, 2 users, 1 groups (long 1)\n"
+
+
+def test_a_bom_elsewhere_than_a_line_start_is_still_an_error(tmp_path):
+    path = tmp_path / "pairs.jsonl"
+    path.write_bytes(f"{GOOD}\n".encode() + b'{"user": "u", \xef\xbb\xbf"prompt": "p"}\n')
+    with pytest.raises(DataError, match=r"pairs.jsonl:2: not valid JSON \(Expecting property name"):
+        data.read_pairs(path)
+
+
+@pytest.mark.parametrize("style", WINDOWS_STYLES)
+def test_tokenizer_files_with_bom_and_crlf(tokenizer_dir, tmp_path, tok, style):
+    directory = copy_tokenizer_json(tokenizer_dir, tmp_path / "tok")
+    (directory / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<s>", "bos_token": "</s>"}, indent=1))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        save_as(directory / name, style)
+    loaded = data.load_tokenizer(directory)
+    assert (loaded.eos_id, loaded.bos_id) == (tok.bos_id, tok.eos_id)  # read from the config, swapped there
+    assert loaded.encode(SENTENCE) == tok.encode(SENTENCE)
 
 
 def test_write_read_round_trip(tmp_path):
@@ -484,6 +531,17 @@ def test_tldr_converter(tmp_path):
     assert unseen_groups == {"unseen-long", "unseen-short"}  # each unseen worker draws a preference
 
 
+@pytest.mark.parametrize("style", WINDOWS_STYLES)
+def test_tldr_converter_accepts_bom_and_crlf(tmp_path, style):
+    plain, windows = tmp_path / "plain.jsonl", tmp_path / "windows.jsonl"
+    write_tldr_fixture(plain)
+    write_tldr_fixture(windows)
+    save_as(windows, style)
+    assert tldr.tldr_to_pairs([windows], n_users=3) == tldr.tldr_to_pairs([plain], n_users=3)
+    assert tldr.main(["--comparisons", str(windows), "--n-users", "3", "--out", str(tmp_path / "out")]) == 0
+    assert data.read_pairs(tmp_path / "out" / "train.jsonl") == tldr.tldr_to_pairs([plain], n_users=3)[0]
+
+
 def test_tldr_unseen_majority_keeps_known_preferences(tmp_path):
     path = tmp_path / "comparisons.jsonl"
     write_tldr_fixture(path)
@@ -560,6 +618,30 @@ def test_psoups_converter(tmp_path):
     assert psoups.psoups_to_pairs(tmp_path / "rm_training", seed=0) == (train, valid, stats)
     other_valid = psoups.psoups_to_pairs(tmp_path / "rm_training", seed=1)[1]
     assert {p.prompt for p in other_valid} != {p.prompt for p in valid}
+
+
+@pytest.mark.parametrize("style", WINDOWS_STYLES)
+def test_psoups_converter_accepts_bom_and_crlf(tmp_path, style):
+    """Both forms of P-SOUPS files: the JSON lists (P1A .. P3A) and JSON Lines (P3B)."""
+    write_psoups_fixture(tmp_path / "plain")
+    write_psoups_fixture(tmp_path / "windows")
+    for user in psoups.PSOUPS_PREFERENCES:
+        save_as(tmp_path / "windows" / f"{user}.json", style)
+    assert psoups.psoups_to_pairs(tmp_path / "windows") == psoups.psoups_to_pairs(tmp_path / "plain")
+    assert psoups.main(["--dir", str(tmp_path / "windows"), "--out", str(tmp_path / "out")]) == 0
+    assert data.read_pairs(tmp_path / "out" / "valid.jsonl") == psoups.psoups_to_pairs(tmp_path / "plain")[1]
+
+
+@pytest.mark.parametrize("style", WINDOWS_STYLES)
+def test_prism_converter_accepts_bom_and_crlf(tmp_path, style):
+    from tests.test_prism import write_prism  # the hand-written PRISM records of test_prism.py
+
+    plain, windows = write_prism(tmp_path / "plain"), write_prism(tmp_path / "windows")
+    for name in ("survey.jsonl", "conversations.jsonl"):
+        save_as(windows / name, style)
+    assert prism.prism_to_pairs(windows) == prism.prism_to_pairs(plain)
+    assert prism.main(["--dir", str(windows), "--out", str(tmp_path / "out")]) == 0
+    assert data.read_pairs(tmp_path / "out" / "train.jsonl") == prism.prism_to_pairs(plain)[0]
 
 
 def test_psoups_missing_file_and_cli(tmp_path, capsys):
