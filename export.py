@@ -10,6 +10,10 @@ OUT then holds what plain `transformers` + `peft` need to answer as any user (do
     user_embeddings.json                             row -> user identifier (row 0: null), T_u, d, the layout
     tokenizer.json, tokenizer_config.json, ...       the run's tokenizer
 
+OUT appears complete or not at all: everything is read and checked first, written into a temporary directory
+beside OUT, then renamed. OUT may be new, empty or a previous export (replaced only on success); a directory
+holding other files is refused.
+
 The user rows are the soft prompt of PAPER.md, "Personalized LM": [BOS] [e_u] [user text] [prompt] [response].
 
 References (read, not copied): PEFT's LoRA layers and their saved form (huggingface/peft, `tuners/lora/layer.py`:
@@ -22,7 +26,9 @@ Reading order: names, adapters, user embeddings, the run, the command line.
 """
 from __future__ import annotations
 
-import argparse
+import contextlib
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -88,8 +94,8 @@ def adapter_config(args: dict, targets: list[str]) -> dict:
                 rank_pattern={}, alpha_pattern={}, inference_mode=True, revision=None)
 
 
-def export_adapters(run_dir: Path, args: dict, out: Path) -> list[str]:
-    """Write adapter_model.safetensors and adapter_config.json; return the target modules."""
+def adapter_files(run_dir: Path, args: dict) -> tuple[dict, dict, list[str]]:
+    """PEFT's adapter tensors and adapter_config.json of a run, read and checked; and the target modules."""
     base = Path(args["model"])
     if runs.is_run_dir(base) and (base / "adapter.safetensors").is_file():
         raise ValueError(f"{run_dir}: its base {base} is itself a LoRA run, but a PEFT adapter sits on a Hugging "
@@ -101,9 +107,7 @@ def export_adapters(run_dir: Path, args: dict, out: Path) -> list[str]:
                                 f"the adapters only make sense on it") from None
     adapters = runs.read_tensors(run_dir / "adapter.safetensors")
     tensors, targets = peft_adapters(adapters, cfg, run_dir / "adapter.safetensors")
-    runs.atomic_save_tensors(tensors, out / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-    runs.atomic_write_json(adapter_config(args, targets), out / ADAPTER_CONFIG)
-    return targets
+    return tensors, adapter_config(args, targets), targets
 
 
 # ----------------------------------------------------------------------------------------------
@@ -116,28 +120,97 @@ def user_embeddings(user_model, registry: prlhf.UserRegistry) -> torch.Tensor:
     return user_model(torch.arange(len(registry))).float()  # (N + 1, T_u, d)
 
 
-def export_users(run_dir: Path, args: dict, out: Path) -> torch.Tensor:
-    """Write user_embeddings.safetensors and user_embeddings.json; return the rows (N + 1, T_u, d)."""
+def user_files(run_dir: Path, args: dict) -> tuple[torch.Tensor, dict]:
+    """The rows (N + 1, T_u, d) and user_embeddings.json of a run's user model."""
     user_model, registry = prlhf.load_user_model(run_dir)
     rows = user_embeddings(user_model, registry)  # (N + 1, T_u, d)
-    runs.atomic_save_tensors({"user_embeddings": rows}, out / USER_EMBEDDINGS, metadata={"format": "pt"})
     use_text = runs.pdpo_config(args).use_user_text
-    runs.atomic_write_json(dict(
+    return rows, dict(
         rows=[None, *registry.users],  # rows[i]: the user of row i; row 0 (null) is e_0, for every unknown user
         n_user_tokens=rows.shape[1], hidden_size=rows.shape[2], user_model=user_model.kind, use_user_text=use_text,
         layout="[BOS] [user_embeddings[row]] " + ("[user text] " if use_text else "") + "[prompt] [response]",
-    ), out / USER_ROWS)
-    return rows
+    )
 
 
 # ----------------------------------------------------------------------------------------------
 # The run
 
 
+ARGS_FIELDS = {"model": ("a string", str), "lora_r": ("an integer >= 1", int),
+               "lora_alpha": ("a number", (int, float)), "lora_dropout": ("a number", (int, float))}
+
+
+def read_args(run_dir: Path) -> dict:
+    """RUN/args.json, with the fields export uses checked."""
+    file = run_dir / "args.json"
+    args = data.read_json(file)  # a byte-order mark and CRLF accepted, as in every file people may edit
+    if not isinstance(args, dict):
+        raise ValueError(f"{file}: expected a JSON object of train.py's flags, got a {data.json_type(args)}")
+    for name, (what, kind) in ARGS_FIELDS.items():
+        value = args.get(name)
+        if isinstance(value, bool) or not isinstance(value, kind) or (name == "lora_r" and value < 1):
+            got = repr(value) if name in args else "nothing (the field is missing)"
+            raise ValueError(f"{file}: field {name!r} must be {what}, got {got}")
+    return args
+
+
+def check_user_model(run_dir: Path, args: dict) -> bool:
+    """Whether the run has a user model to export; a P-DPO or P-RM run without all its files is an error."""
+    missing = [name for name in prlhf.USER_MODEL_FILES if not (run_dir / name).is_file()]
+    if missing and (args.get("stage") in ("pdpo", "prm") or len(missing) < len(prlhf.USER_MODEL_FILES)):
+        raise FileNotFoundError(f"{run_dir / missing[0]}: missing; the run's users are kept in "
+                                f"{', '.join(prlhf.USER_MODEL_FILES)} (copy them back, or train the run again)")
+    return not missing
+
+
+# Every name export writes: OUT may be a previous export (only these files), which a successful export replaces.
+EXPORT_FILES = {ADAPTER_CONFIG, ADAPTER_WEIGHTS, USER_EMBEDDINGS, USER_ROWS, "tokenizer.json", *data.TOKENIZER_FILES}
+
+
+def check_out(out: Path) -> None:
+    """OUT must be new, an empty directory or a previous export, in a writable directory (it is renamed there)."""
+    data.check_out_dir(out)
+    data.check_out_dir(out.absolute().parent)
+    others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES or not p.is_file()) if out.exists() else []
+    if others:
+        raise FileExistsError(f"{out}: holds {others[0]!r}, which export does not write: give a new or empty "
+                              f"directory, or a previous export (replaced when this one succeeds)")
+
+
+def replace_directory(out: Path, write) -> None:
+    """write(tmp) into a new directory beside `out`, then rename it to `out` (a previous `out` is removed only
+    then); on any failure `out` is as it was and the temporary directory and any parents made for it are gone."""
+    out = Path(os.path.abspath(out))  # "." and ".." spelled out, so that out.name is a name
+    made = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (out.parent / f".{out.name}.{os.getpid()}.{suffix}" for suffix in ("tmp", "old"))
+    tmp.mkdir()
+    try:
+        write(tmp)
+        if out.exists():
+            os.replace(out, old)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)
+                raise
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for p in made:  # deepest first
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        raise
+
+
 def export_run(run_dir, out_dir) -> list[str]:
     """Export a LoRA run of train.py to out_dir for transformers + peft; return notes for the user.
 
-    A ValueError or FileNotFoundError (one line, naming the file) for what cannot be exported."""
+    All or nothing: the run, its base, its user model and OUT are read and checked before the first write, the
+    files are written into a temporary directory beside OUT and renamed to OUT at the end (see check_out).
+    A ValueError or OSError (one line, naming the file) for what cannot be exported."""
     run_dir, out = Path(run_dir), Path(out_dir)
     if not runs.is_run_dir(run_dir):
         raise FileNotFoundError(f"{run_dir}: not a run directory (no args.json); train one with train.py --out")
@@ -146,16 +219,26 @@ def export_run(run_dir, out_dir) -> list[str]:
         raise ValueError(f"{run_dir}: a full fine-tuning run (no adapter.safetensors): {run_dir} is already a "
                          f"Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json); export is "
                          f"for LoRA runs (train.py --lora-r)")
-    args = runs.read_json(run_dir / "args.json")
-    out.mkdir(parents=True, exist_ok=True)
-    targets = export_adapters(run_dir, args, out)
-    data.load_tokenizer(run_dir).save(out)
+    args = read_args(run_dir)
+    check_out(out)
+    adapters, config, targets = adapter_files(run_dir, args)
+    tokenizer = data.load_tokenizer(run_dir)
+    rows, rows_json = user_files(run_dir, args) if check_user_model(run_dir, args) else (None, None)
+
+    def write(directory: Path):
+        runs.atomic_save_tensors(adapters, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+        runs.atomic_write_json(config, directory / ADAPTER_CONFIG)
+        if rows is not None:
+            runs.atomic_save_tensors({"user_embeddings": rows}, directory / USER_EMBEDDINGS, metadata={"format": "pt"})
+            runs.atomic_write_json(rows_json, directory / USER_ROWS)
+        tokenizer.save(directory)
+
+    replace_directory(out, write)
     notes = [f"{out}/{ADAPTER_WEIGHTS}: LoRA r {args['lora_r']} on {', '.join(targets)} of {args['model']}"]
-    if not (run_dir / "user_model.json").is_file():
+    if rows is None:
         notes.append(f"{run_dir} has no user model (an SFT run): adapters only"
                      + (f"; {run_dir}/merged is the same model as one checkpoint" if (run_dir / "merged").is_dir() else ""))
     else:
-        rows = export_users(run_dir, args, out)
         notes.append(f"{out}/{USER_EMBEDDINGS}: {rows.shape[0]} rows (row 0 = e_0, the generic user) "
                      f"of T_u = {rows.shape[1]} vectors of d = {rows.shape[2]}")
     if (run_dir / "reward_head.safetensors").is_file():
@@ -164,15 +247,18 @@ def export_run(run_dir, out_dir) -> list[str]:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="export.py", description="Export a LoRA run for transformers + peft: "
-                                "adapters in PEFT's format and the users' embeddings e_u (docs/huggingface.md).")
+    p = data.ArgumentParser(prog="export.py", description="Export a LoRA run for transformers + peft: "
+                            "adapters in PEFT's format and the users' embeddings e_u (docs/huggingface.md). "
+                            "All or nothing: everything is checked before the first write, and OUT appears only "
+                            "when complete.")
     p.add_argument("run", help="run directory written by train.py with --lora-r > 0")
     p.add_argument("out", help="directory to write adapter_config.json, adapter_model.safetensors, "
-                   "user_embeddings.* and the tokenizer into")
+                   "user_embeddings.* and the tokenizer into: a new or empty directory, or a previous export, "
+                   "which is replaced only when this export succeeds; a directory holding other files is refused")
     args = p.parse_args(sys.argv[1:] if argv is None else list(argv))
     try:
         notes = export_run(args.run, args.out)
-    except (data.DataError, ValueError, FileNotFoundError) as e:
+    except (ValueError, OSError) as e:  # DataError is a ValueError
         runs.fail(str(e))
     print("\n".join(notes))
 

@@ -169,14 +169,107 @@ def test_the_page_answers_as_eval_does(exported):
     assert [a["answer"] for a in cli] == [page_ns["answer"](p.user, p.prompt, max_new_tokens=12).strip() for p in pairs]
 
 
+def sft_like(run_dir, directory):
+    """A copy of run_dir as an SFT run: stage "sft", no user model."""
+    shutil.copytree(run_dir, directory, ignore=shutil.ignore_patterns(*prlhf.USER_MODEL_FILES, "checkpoint"))
+    runs.atomic_write_json({**runs.read_json(directory / "args.json"), "stage": "sft"}, directory / "args.json")
+    return directory
+
+
 def test_without_user_model_exports_adapters_only(exported, tmp_path):
     _, _, run_dir, _ = exported
-    sft_like = tmp_path / "run"
-    shutil.copytree(run_dir, sft_like, ignore=shutil.ignore_patterns(*prlhf.USER_MODEL_FILES, "checkpoint"))
-    notes = export.export_run(sft_like, tmp_path / "out")
+    notes = export.export_run(sft_like(run_dir, tmp_path / "run"), tmp_path / "out")
     assert (tmp_path / "out" / export.ADAPTER_WEIGHTS).is_file()
     assert not (tmp_path / "out" / export.USER_EMBEDDINGS).exists()
     assert any("no user model" in n for n in notes)
+
+
+def files_under(root):
+    """Every path under root -> its bytes (None for a directory): what must not change when a command fails."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes() for p in sorted(Path(root).rglob("*"))}
+
+
+def run_copy(run_dir, directory):
+    shutil.copytree(run_dir, directory, ignore=shutil.ignore_patterns("checkpoint"))
+    return directory
+
+
+def one_line_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("error: "), err
+    return err
+
+
+@pytest.mark.parametrize("missing", prlhf.USER_MODEL_FILES + ("all",))
+def test_a_pdpo_run_without_its_user_model_is_refused_before_any_write(exported, tmp_path, capsys, missing):
+    _, _, run_dir, _ = exported
+    run = run_copy(run_dir, tmp_path / "run")
+    for name in prlhf.USER_MODEL_FILES if missing == "all" else [missing]:
+        (run / name).unlink()
+    before = files_under(tmp_path)
+    err = one_line_error([run, tmp_path / "deep" / "out"], capsys)
+    assert ": missing; the run's users are kept in user_model.safetensors" in err
+    assert files_under(tmp_path) == before  # neither OUT nor its parent "deep" was made
+
+
+@pytest.mark.parametrize("out_state", ["absent", "empty", "previous export", "missing parents"])
+def test_a_failure_half_way_leaves_run_and_out_byte_identical(exported, tmp_path, monkeypatch, out_state):
+    """The adapters are written, then writing adapter_config.json fails: nothing of it shows."""
+    _, _, run_dir, _ = exported
+    run = run_copy(run_dir, tmp_path / "run")
+    out = tmp_path / ("a/b/out" if out_state == "missing parents" else "out")
+    if out_state == "empty":
+        out.mkdir()
+    if out_state == "previous export":
+        export.export_run(sft_like(run_dir, tmp_path / "sft"), out)
+    before = files_under(tmp_path)
+    written = []
+
+    def save_then_fail(obj, file):
+        written.append((file, (file.parent / export.ADAPTER_WEIGHTS).is_file()))
+        raise OSError("disk full")
+
+    monkeypatch.setattr(runs, "atomic_write_json", save_then_fail)
+    with pytest.raises(OSError, match="disk full"):
+        export.export_run(run, out)
+    (file, adapters_written), = written
+    assert file.name == export.ADAPTER_CONFIG and file.parent.parent == out.parent and file.parent != out
+    assert adapters_written  # the adapters were written before the failure ...
+    assert files_under(tmp_path) == before  # ... and nothing of them is left
+
+
+def test_a_previous_export_is_replaced_only_on_success(exported, tmp_path):
+    _, _, run_dir, first = exported
+    out = tmp_path / "out"
+    shutil.copytree(first, out)  # a P-DPO export, with user embeddings
+    export.export_run(sft_like(run_dir, tmp_path / "sft"), out)  # then an SFT run's, without
+    assert (out / export.ADAPTER_WEIGHTS).is_file() and not (out / export.USER_EMBEDDINGS).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "sft"]  # no temporary directory left
+
+
+@pytest.mark.parametrize("out_kind", ["a file", "a directory with other files", "below a file"])
+def test_an_out_export_must_not_overwrite_is_a_one_line_error(exported, tmp_path, capsys, out_kind):
+    _, _, run_dir, _ = exported
+    out = tmp_path / "out"
+    if out_kind == "a file":
+        out.write_text("notes\n")
+    elif out_kind == "a directory with other files":
+        out.mkdir()
+        (out / "notes.txt").write_text("mine\n")
+        (out / export.ADAPTER_CONFIG).write_text("{}")
+    else:
+        out.write_text("notes\n")
+        out = out / "sub"
+    before = files_under(tmp_path)
+    err = one_line_error([run_dir, out], capsys)
+    expected = {"a file": f"{out}: exists and is not a directory",
+                "a directory with other files": f"{out}: holds 'notes.txt', which export does not write",
+                "below a file": f"{out}: cannot be written, {out.parent} is not a writable directory"}[out_kind]
+    assert expected in err
+    assert files_under(tmp_path) == before
 
 
 def test_full_run_is_a_one_line_error(tmp_path, capsys):
