@@ -111,8 +111,7 @@ def length_preference_pairs(samples: list[dict], users: dict[str, str], seed: in
 # - each held-out prompt is judged by a known user of each group and by an unseen user of each (user 0);
 # - LoRA on the 135M-parameter instruct model, in bf16 autocast where bf16 is native (--precision auto), else fp32;
 #   P-DPO with generic sampling (2B rows, not 4B) and the generic term held back for the first 80% of the steps
-#   (--generic-delay 0.8, the fix of issue #26, chosen on the toy family; docs/user_embeddings.md): on seeds 0-4
-#   P-DPO then reaches >= 0.8 on both groups on 5 of 5 (without it, 3 of 5 on 2026-12-03, in bf16 on other pairs);
+#   (--generic-delay 0.8, chosen on the toy family: docs/user_embeddings.md; seeds: docs/experiments/smollm2.md);
 # - 2 epochs, as in the paper: paid for by 112 training prompts (not 128). 48 held-out prompts give each
 #   group's accuracy about 47 pairs (a 95% interval of about +-0.1), and greedy evaluation decodes each
 #   distinct (prompt, e_u) once (eval.generate_responses).

@@ -206,7 +206,7 @@ def toy_user_pairs(name: str, n_train: int, n_held_out: int, seed: int) -> tuple
 
 
 # ----------------------------------------------------------------------------------------------------
-# A run's answers, sorted into the task's kinds (the demo's table, bench/task_family.py)
+# A run's answers, sorted into the task's kinds (the demo's table, experiments/task_family.py)
 # ----------------------------------------------------------------------------------------------------
 
 

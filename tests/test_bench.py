@@ -12,6 +12,7 @@ import torch
 
 BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path.insert(0, str(BENCH))
+sys.path.insert(0, str(BENCH.parent / "experiments"))  # the research sweeps (toy_seeds, repetition_reference)
 
 import memory_plan as MP  # noqa: E402
 
@@ -250,10 +251,10 @@ def test_repetition_reference_names_a_bad_record(tmp_path):
 
 
 def test_bench_and_eval_never_import_train():
-    """One-way house: train.py imports the library; eval.py and bench/ never import train.py (they run it)."""
+    """One-way house: train.py imports the library; eval.py, bench/ and experiments/ never import train.py (they run it)."""
     import re
 
-    files = [BENCH.parent / "eval.py", *sorted(BENCH.glob("*.py"))]
+    files = [BENCH.parent / "eval.py", *sorted(BENCH.glob("*.py")), *sorted((BENCH.parent / "experiments").glob("*.py"))]
     offenders = [f"{f.name}:{n}" for f in files for n, line in enumerate(f.read_text().splitlines(), 1)
                  if re.match(r"\s*(import train\b|from train import)", line)]
     assert not offenders, offenders

@@ -159,7 +159,7 @@ def test_the_page_answers_as_eval_does(exported):
     pairs = [data.Pair(user=u, prompt="Tell me about the kettle.", chosen="a", rejected="b")
              for u in (run.registry.users[0], "someone unseen")]
     ours = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer,
-                                         evaluation.tokenize(run, pairs), max_new_tokens=12)
+                                         runs.tokenize(run, pairs), max_new_tokens=12)
     for pair, mine in zip(pairs, ours):
         assert mine["response_tokens"] >= 3, mine
         assert page_ns["answer"](pair.user, pair.prompt, max_new_tokens=12) == mine["response"], pair.user

@@ -18,7 +18,7 @@ def test_a_member_is_deterministic_in_its_seed():
 
 
 def test_more_held_out_prompts_keep_the_training_pairs():
-    """bench/task_family.py --more-prompts draws a member with more held-out pairs per user: the users and the
+    """experiments/task_family.py --more-prompts draws a member with more held-out pairs per user: the users and the
     training pairs stay those the runs were trained on; the held-out pairs grow."""
     a, b = F.make_task(5), F.make_task(5, n_valid_per_user=32)
     assert a.train == b.train and a.users == b.users
@@ -28,7 +28,7 @@ def test_more_held_out_prompts_keep_the_training_pairs():
 
 @pytest.mark.parametrize("seed", [0, 7])
 def test_language_pairs_cover_every_topic_and_prefer_nothing(seed):
-    """bench/task_family.py --sft-language: pairs from nobody, for the SFT only; the member's own pairs are kept."""
+    """experiments/task_family.py --sft-language: pairs from nobody, for the SFT only; the member's own pairs are kept."""
     task, again = F.make_task(seed), F.make_task(seed)
     pairs = task.language_pairs(1000)
     assert pairs == again.language_pairs(1000) and pairs[:10] == task.language_pairs(10)

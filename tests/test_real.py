@@ -156,7 +156,7 @@ def test_lora_pdpo_merge_opens_in_transformers_with_equal_logits(smol, hf, ours,
 def test_smollm2_example_end_to_end_in_small(smol, tmp_path, monkeypatch, capsys):
     """train.py --example smollm2 at a few prompts and one step per arm: answers sampled from the real model,
     both arms trained and evaluated, a greedy answer to every held-out pair, a rerun reuses the data, and
-    bench/smollm2_seeds.py reads the run and checks it against the targets."""
+    experiments/smollm2_seeds.py reads the run and checks it against the targets."""
     small = {**smollm2_example.SMOLLM2, "train_prompts": 6, "valid_prompts": 4, "judges": 2, "answer_tokens": 8,
              "train": {**smollm2_example.SMOLLM2["train"], "max_steps": 1, "batch_size": 4}}
     monkeypatch.setattr(smollm2_example, "SMOLLM2", small)

@@ -1,6 +1,6 @@
 """The real-model experiment over seeds: does P-DPO on SmolLM2-135M-Instruct serve both groups, every time?
 
-    python bench/smollm2_seeds.py --seeds 0,1,2 --workdir runs/smollm2-seeds   # ~18-20 min a seed on 2 cores
+    python experiments/smollm2_seeds.py --seeds 0,1,2 --workdir runs/smollm2-seeds   # ~18-20 min a seed on 2 cores
 
 Each run is `python train.py --example smollm2 --seed S --out WORKDIR/seed-S` (answers sampled from the model,
 vanilla DPO and P-DPO with LoRA, greedy answers to every held-out pair); a seed whose results.json is already
@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/common.py: shared helpers
 import common as C
 
 

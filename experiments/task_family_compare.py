@@ -1,6 +1,6 @@
-"""Side by side: P-DPO arms of bench/task_family.py (their JSON files in bench/results), per member x seed.
+"""Side by side: P-DPO arms of experiments/task_family.py (their JSON files in experiments/results), per member x seed.
 
-    python bench/task_family_compare.py base warmup60 userlr1e-2const
+    python experiments/task_family_compare.py base warmup60 userlr1e-2const
 
 Per run and arm: S(uccess) or F(ailure), the lowest known group's held-out accuracy, the lowest group's answers
 as preferred, and the clean answers; per arm the success count and the means of the two minima.

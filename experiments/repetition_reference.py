@@ -1,7 +1,7 @@
 """How often does text of a given length repeat a word 3-gram? The real-model example's fluency figure set
 against human writing of the same lengths.
 
-    python bench/repetition_reference.py --runs runs/smollm2-2ep/seed-* --tldr ../shared/real_data/tldr
+    python experiments/repetition_reference.py --runs runs/smollm2-2ep/seed-* --tldr ../shared/real_data/tldr
 
 The real-model issue asks for under 10% of answers with a repeated word 3-gram (eval.repeats_a_trigram: some
 3 words, split on white space, occur twice in the same answer). How strict is that at 20-60 words? For each run
@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/common.py: shared helpers
 import common as C
 
 import eval as evaluation  # noqa: E402  (common puts the project on sys.path)

@@ -1,12 +1,12 @@
 """P-DPO over a family of random preference tasks (examples/family.py): does it serve every group, on most members?
 
-    python bench/task_family.py                                  # tasks 0-5, seed 0
-    python bench/task_family.py --tasks 0,1 --seeds 0,1
-    python bench/task_family.py --tasks issue --pdpo user_init_range=0.5 --tag r05   # a candidate P-DPO setting
-    python bench/task_family.py --tasks 3 --probe                 # + user-embedding diagnostics (norms, grads, attention)
-    python bench/task_family.py --tasks 8,9 --sft max_steps=1600  # another SFT stage (own run directories)
-    python bench/task_family.py --sft-language 0                  # SFT on the training pairs alone (as before)
-    python bench/task_family.py --tasks 0,1 --sft-only            # the SFT model only: its misses, by object
+    python experiments/task_family.py                                  # tasks 0-5, seed 0
+    python experiments/task_family.py --tasks 0,1 --seeds 0,1
+    python experiments/task_family.py --tasks issue --pdpo user_init_range=0.5 --tag r05   # a candidate P-DPO setting
+    python experiments/task_family.py --tasks 3 --probe                 # + user-embedding diagnostics (norms, grads, attention)
+    python experiments/task_family.py --tasks 8,9 --sft max_steps=1600  # another SFT stage (own run directories)
+    python experiments/task_family.py --sft-language 0                  # SFT on the training pairs alone (as before)
+    python experiments/task_family.py --tasks 0,1 --sft-only            # the SFT model only: its misses, by object
 
 For each member x seed, as examples/demo.py does: a byte-level BPE on the member's corpus, a tiny LLaMA
 (model.TINY_LLAMA unless --hidden/--layers/--model), SFT on both responses of the training pairs and of
@@ -18,19 +18,21 @@ demo's P-DPO arm (individual, alpha 0.5; T_u and the rest from the recipe) from 
 model's own clean answers (what DPO and P-DPO start from). A member x seed is
 "eligible" where vanilla DPO leaves a minority group at <= 0.6 accuracy (personalization is needed there), and a
 success where P-DPO then reaches >= 0.85 accuracy and >= 0.85 answers as preferred on every known group.
-Runs are kept in --workdir (default bench/results/task_family-runs, git-ignored) and reused: an arm with a new
---tag retrains P-DPO only. Figures go to bench/results/task_family-<tag>.json; the last line is one JSON object.
+Runs are kept in --workdir (default experiments/results/task_family-runs, git-ignored) and reused: an arm with a new
+--tag retrains P-DPO only. Figures go to experiments/results/task_family-<tag>.json; the last line is one JSON object.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/common.py: shared helpers
 import common as C  # noqa: F401  (puts the project root on sys.path)
 
 import data  # noqa: E402
@@ -68,7 +70,7 @@ def parse_args(argv=None):
     p.add_argument("--more-prompts", type=int, default=0, metavar="N",
                    help="also count P-DPO's answers as preferred on N further held-out prompts per known user "
                         "(success_more_prompts; the default 8 leaves a small group with 16-24 answers)")
-    p.add_argument("--workdir", default=str(C.ROOT / "bench" / "results" / "task_family-runs"))
+    p.add_argument("--workdir", default=str(C.ROOT / "experiments" / "results" / "task_family-runs"))
     p.add_argument("--accuracy", type=float, default=0.85)
     p.add_argument("--preferred", type=float, default=0.85)
     p.add_argument("--dpo-fails", type=float, default=0.6, help="eligible: vanilla DPO at or below this on a minority")
@@ -296,7 +298,7 @@ def main(argv=None):
     figures = {"tag": args.tag, "pdpo_fields": pdpo_fields, "sft_fields": sft_fields, "hidden": args.hidden,
                "layers": args.layers, "model_fields": args.model, "sft_language": args.sft_language,
                "eligible": len(eligible), "successes": len(successes), "runs": records}
-    out = C.ROOT / "bench" / "results" / f"task_family-{args.tag}.json"
+    out = C.ROOT / "experiments" / "results" / f"task_family-{args.tag}.json"
     existing = json.loads(out.read_text())["runs"] if out.is_file() else []
     keep = [r for r in existing if (r["task"], r["seed"]) not in {(x["task"], x["seed"]) for x in records}]
     merged = keep + records  # this tag's runs of earlier invocations too

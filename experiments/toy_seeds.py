@@ -1,7 +1,7 @@
 """The demo's two toy tasks over seeds: does P-DPO with --recipe tiny answer each user as they prefer, every time?
 
-    python bench/toy_seeds.py                          # the length task, seeds 0-4, then the style task, seeds 0-2
-    python bench/toy_seeds.py --tasks style --seeds 0  # one run
+    python experiments/toy_seeds.py                          # the length task, seeds 0-4, then the style task, seeds 0-2
+    python experiments/toy_seeds.py --tasks style --seeds 0  # one run
 
 Each run is `python train.py --example toy|toy-style --seed S` (SFT, vanilla DPO and P-DPO with --recipe tiny,
 then greedy answers to every held-out prompt). Per run and method: accuracy per group (held-out pairs
@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))  # bench/common.py: shared helpers
 import common as C
 
 EXAMPLES = {"length": "toy", "style": "toy-style"}
