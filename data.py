@@ -81,7 +81,7 @@ def read_json(path: str | os.PathLike):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg} at column {e.colno})") from None
+        raise DataError(f"{path}:{e.lineno}: not valid JSON ({e.msg}: column {e.colno})") from None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -282,7 +282,7 @@ def read_jsonl_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 value = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataError(
-                    f"{path}:{lineno}: not valid JSON ({e.msg} at column {e.colno}); "
+                    f"{path}:{lineno}: not valid JSON ({e.msg}: column {e.colno}); "
                     f"each line must hold one complete JSON object"
                 ) from None
             if not isinstance(value, dict):
@@ -683,20 +683,22 @@ class Number:
     kind: type = int
     low: float | None = None
     high: float | None = None
+    above: bool = False  # low itself refused: a rate, a share of probability mass (> 0)
 
     def __str__(self) -> str:
         noun = "an integer" if self.kind is int else "a number"
-        if self.low is not None and self.high is not None:
-            return f"{noun} from {self.low} to {self.high}"
-        if self.low is not None or self.high is not None:
-            return f"{noun} {'>= ' + str(self.low) if self.low is not None else '<= ' + str(self.high)}"
+        low = None if self.low is None else f"{'>' if self.above else '>='} {self.low}"
+        if low and self.high is not None:
+            return f"{noun} from {self.low} to {self.high}" if not self.above else f"{noun} {low} and <= {self.high}"
+        if low or self.high is not None:
+            return f"{noun} {low or '<= ' + str(self.high)}"
         return noun
 
     def __call__(self, text: str):
         try:
             value = self.kind(text)
-            ok = ((self.kind is int or math.isfinite(value)) and (self.low is None or value >= self.low)
-                  and (self.high is None or value <= self.high))
+            low_ok = self.low is None or value > self.low or (value == self.low and not self.above)
+            ok = (self.kind is int or math.isfinite(value)) and low_ok and (self.high is None or value <= self.high)
         except ValueError:
             ok = False
         if not ok:

@@ -171,7 +171,9 @@ def check_out(out: Path) -> None:
     """OUT must be new, an empty directory or a previous export, in a writable directory (it is renamed there)."""
     data.check_out_dir(out)
     data.check_out_dir(out.absolute().parent)
-    others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES or not p.is_file()) if out.exists() else []
+    if not out.is_dir():
+        return
+    others = sorted(p.name for p in out.iterdir() if p.name not in EXPORT_FILES or not p.is_file())
     if others:
         raise FileExistsError(f"{out}: holds {others[0]!r}, which export does not write: give a new or empty "
                               f"directory, or a previous export (replaced when this one succeeds)")

@@ -106,7 +106,8 @@ def test_other_argument_errors_are_one_line_too(tmp_path, capsys):
     err = one_line_error(prism.main, ["--dir", tmp_path, "--out", tmp_path, "--stated-prefs", "best"], capsys)
     assert err.startswith("error: argument --stated-prefs: invalid choice: 'best' (choose from ")
     assert one_line_error(data.main, ["chek", "x.jsonl"], capsys).startswith("error: argument command: invalid choice")
-    assert one_line_error(export.main, [tmp_path], capsys).startswith("error: the following arguments are required: out")
+    err = one_line_error(export.main, [tmp_path], capsys)
+    assert err == "error: the following arguments are required: out (see export.py --help)"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -124,7 +125,9 @@ PAIRS_DAMAGE = [
     ("invalid UTF-8", INVALID_UTF8, "{file}:2: not valid UTF-8 (byte 0xff at column 11); save the file as UTF-8"),
     ("invalid UTF-8 after a BOM", b"\xef\xbb\xbf" + INVALID_UTF8[len(GOOD) + 1:],
      "{file}:1: not valid UTF-8 (byte 0xff at column 11)"),
-    ("cut mid-line", GOOD + '\n{"user": "u", "prom', "{file}:2: not valid JSON (Unterminated string"),
+    ("cut mid-line", GOOD + '\n{"user": "u", "prom',
+     "{file}:2: not valid JSON (Unterminated string starting at: column 15); each line must hold one complete JSON "
+     "object"),
     ("a list, not an object", '["u", "p", "c", "r"]\n', "{file}:1: expected a JSON object {{...}}, got a list"),
 ]
 
@@ -173,7 +176,8 @@ PSOUPS_DAMAGE = [
      "{file}: record 1: needs string fields"),
     ("invalid UTF-8", b'[\n{"user_input": "q",\n"completion_a": "\xc3\x28"}]',
      "{file}:3: not valid UTF-8 (byte 0xc3 at column 18)"),
-    ("cut short", '[{"user_input": "q", "completion_a": "a",\n', "{file}:2: not valid JSON (Expecting property name"),
+    ("cut short", '[{"user_input": "q", "completion_a": "a",\n',
+     "{file}:2: not valid JSON (Expecting property name enclosed in double quotes: column 1)"),
 ]
 PRISM_DAMAGE = [
     ("empty survey", "survey.jsonl", "", "{file}: no survey records found"),
@@ -212,7 +216,8 @@ def test_converters_out_that_cannot_be_a_directory(tmp_path, capsys, command, ou
     argv[-1] = tmp_path / "out" / "sub" if out == "below a file" else argv[-1]
     before = files_under(tmp_path)
     err = one_line_error(CONVERTERS[command], argv, capsys)
-    assert err == {"a file": f"error: {tmp_path / 'out'}: exists and is not a directory; give a directory to write into",
+    assert err == {"a file": f"error: {tmp_path / 'out'}: exists and is not a directory; give a directory to write "
+                             f"into",
                    "below a file": f"error: {argv[-1]}: cannot be written, {tmp_path / 'out'} is not a writable "
                                    f"directory"}[out]
     assert files_under(tmp_path) == before
@@ -264,7 +269,9 @@ EXPORT_DAMAGE = [
     ("lora_r a string", edit_args(lora_r="4"), "{run}/args.json: field 'lora_r' must be an integer >= 1, got '4'"),
     ("lora_r 0", edit_args(lora_r=0), "{run}/args.json: field 'lora_r' must be an integer >= 1, got 0"),
     ("lora_alpha true", edit_args(lora_alpha=True), "{run}/args.json: field 'lora_alpha' must be a number, got True"),
-    ("base gone", edit_args(model="/nonexistent/base"), "{run}/args.json: its base model /nonexistent/base is not here"),
+    ("base gone", edit_args(model="/nonexistent/base"),
+     "{run}/args.json: its base model /nonexistent/base is not here (no config.json); the adapters only make sense "
+     "on it"),
     ("adapters truncated", lambda run: (run / "adapter.safetensors").write_bytes(b"\x10\x00"),
      "{run}/adapter.safetensors: not a readable safetensors file"),
     ("tokenizer.json not JSON", write_to("tokenizer.json", "{"), "{run}/tokenizer.json: not a readable tokenizer.json"),

@@ -174,7 +174,8 @@ def test_read_pairs_and_check_accept_bom_and_crlf(tmp_path, style):
     data.write_pairs(path, pairs)
     path.write_text(path.read_text() + "\n")  # and a blank line at the end, which becomes "\r\n"
     save_as(path, style)
-    assert path.read_bytes().startswith(b"\xef\xbb\xbf") == ("bom" in style) and (b"\r\n" in path.read_bytes()) == ("crlf" in style)
+    raw = path.read_bytes()
+    assert (raw.startswith(b"\xef\xbb\xbf"), b"\r\n" in raw) == ("bom" in style, "crlf" in style)
     assert data.read_pairs(path) == pairs
     result = subprocess.run([sys.executable, "data.py", "check", str(path)], cwd=REPO, capture_output=True,
                             text=True, timeout=60)
