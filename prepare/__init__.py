@@ -23,6 +23,9 @@ def convert_and_write(convert, out_dir) -> int:
         train, valid, stats = convert()
         if stats:
             print(", ".join(f"{k} {v}" for k, v in stats.items()))
+        for name, pairs in (("train", train), ("valid", valid)):
+            if not pairs:  # a file train.py and eval.py would refuse: say so now, and write neither
+                raise data.DataError(f"{out_dir}: nothing written, the {name} split would be empty (counts above)")
         data.write_split(out_dir, train, valid)
         return 0
     except (data.DataError, OSError) as e:

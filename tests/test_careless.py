@@ -206,6 +206,21 @@ def test_converters_damaged_files(tmp_path, capsys, command, name, case, content
     assert files_under(tmp_path) == before
 
 
+def test_a_split_that_would_be_empty_is_not_written(tmp_path, capsys):
+    """Four P-SOUPS questions: a tenth of them for validation rounds to none."""
+    converter_inputs("psoups", tmp_path)
+    for user, sentences in psoups.PSOUPS_PREFERENCES.items():
+        records = [{"user_input": f"What is {q}? {sentences[0]}", "completion_a": "a", "completion_b": "b"}
+                   for q in range(4)]
+        (tmp_path / "rm_training" / f"{user}.json").write_text(json.dumps(records))
+    before = files_under(tmp_path)
+    assert psoups.main([str(a) for a in converter_argv("psoups", tmp_path)]) == 2
+    out, err = capsys.readouterr()
+    assert out.startswith("train 24, valid 0, questions 4, valid_questions 0")
+    assert err == f"error: {tmp_path / 'out'}: nothing written, the valid split would be empty (counts above)\n"
+    assert files_under(tmp_path) == before
+
+
 @pytest.mark.parametrize("command", CONVERTERS)
 @pytest.mark.parametrize("out", ["a file", "below a file"])
 def test_converters_out_that_cannot_be_a_directory(tmp_path, capsys, command, out):
