@@ -1,6 +1,7 @@
 """New users from a few of their pairs (beyond the paper), and a look at the learned users.
 
     python adapt.py RUN_DIR --user NAME --data their_pairs.jsonl          # fit NAME's row, save it into the run
+    python adapt.py RUN_DIR --user NAME --data F --out NEW_RUN            # the same into a copy; RUN_DIR unchanged
     python adapt.py RUN_DIR --user NAME --data their_pairs.jsonl --curve  # held-out accuracy after 1, 4, 16, 64
     python -m examples.toy --curve RUN_DIR          # the same for a fresh user of the built-in toy task
     python adapt.py users RUN_DIR                   # registry, cluster weights, nearest users
@@ -13,6 +14,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -26,6 +29,8 @@ from eval import accuracy_table, score_pairs
 from runs import (check_run_dir, common_flags, load_reference, online_reference, open_run, pair_collate, read_data,
                   tokenize)
 from cache import reference_cache
+from export import replace_directory
+import report
 from report import error_bars, import_pyplot, save_figure, user_vectors
 
 
@@ -149,16 +154,26 @@ def adaptation_curve(run: runs.Run, reference_model, fit_pairs, held_out_pairs, 
     return curve
 
 
-def adapt_user(run_dir, name: str, data_file, *, reference: str | None = None, steps: int = 32, lr: float = 0.05,
-               batch_size: int = 8, seed: int = 0, device: str = "auto", quiet: bool = False) -> dict:
-    """`adapt.py`: fit a new user's row on all their pairs in `data_file` and save it into the run.
+def adapt_user(run_dir, name: str, data_file, *, out=None, reference: str | None = None, steps: int = 32,
+               lr: float = 0.05, batch_size: int = 8, seed: int = 0, device: str = "auto", quiet: bool = False) -> dict:
+    """`adapt.py`: fit a new user's row on all their pairs in `data_file` and save it into the run, or into
+    `out`, a copy of the run (copy_run), leaving the run as it was.
 
-    Saving rewrites user_model.safetensors, user_model.json and users.json; the LM is untouched.
+    Saving rewrites user_model.safetensors, user_model.json and users.json; the LM is untouched. All or
+    nothing: everything is read and checked, and the row fitted, before the first write (save_user_files).
     Returns the row, the losses' ends, and accuracy on those (training) pairs for e_0 and the new row.
     """
+    if steps < 1 or batch_size < 1 or not lr > 0:
+        raise ValueError(f"steps and batch size must be >= 1 and lr > 0, got {steps}, {batch_size} and {lr}")
     device = runs.pick_device(device)
     pairs = user_pairs(read_data(data_file), name, data_file)
+    if out is not None:
+        check_new_run(Path(out), Path(run_dir))
     run = open_run(run_dir, torch.float32, device)
+    if run.registry.row(name) != 0:
+        raise ValueError(f"{Path(run_dir) / 'users.json'}: user {name!r} is already known to this run (row "
+                         f"{run.registry.row(name)}; an earlier adapt.py saved them?) and is served by that row: "
+                         f"give another --user name, or adapt a run without them with --out NEW_RUN")
     reference_model = load_reference(run_dir, run, reference, torch.float32, device)
     user_model, registry = add_user(run.user_model, run.registry, name)
     row, collate, items = registry.row(name), pair_collate(run, device, registry.row), tokenize(run, pairs)
@@ -167,9 +182,54 @@ def adapt_user(run_dir, name: str, data_file, *, reference: str | None = None, s
     losses = fit_user_row(run, user_model, row, items, collate, reference_fn, steps=steps, lr=lr,
                           batch_size=batch_size, seed=seed, desc=None if quiet else f"fitting {name}")
     after = row_accuracy(run, user_model, row, items, device, reference_fn)
-    prlhf.save_user_model(run_dir, user_model, registry)
+    if out is None:
+        save_user_files(Path(run_dir), user_model, registry)
+    else:
+        replace_directory(Path(out), lambda tmp: copy_run(Path(run_dir), tmp, user_model, registry))
     return {"user": name, "row": row, "pairs": len(items), "steps": steps, "first_loss": losses[0],
             "last_loss": losses[-1], "generic": before, "adapted": after}
+
+
+def save_user_files(run_dir: Path, user_model, registry: prlhf.UserRegistry):
+    """prlhf.save_user_model into a temporary directory inside the run, then each file renamed over the run's
+    (users.json last): a failure while writing leaves the run's files as they were."""
+    tmp = run_dir / f".adapt.{os.getpid()}.tmp"
+    try:
+        prlhf.save_user_model(tmp, user_model, registry)
+        for name in prlhf.USER_MODEL_FILES:  # user_model.safetensors, user_model.json, users.json
+            os.replace(tmp / name, run_dir / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_new_run(out: Path, run_dir: Path):
+    """--out NEW_RUN: a new or empty directory in a writable place, outside the run (a run is never merged into
+    another)."""
+    data.check_out_dir(out)
+    if out.exists() and any(out.iterdir()):
+        raise ValueError(f"--out {out}: not empty; give a new or empty directory for the copy of the run")
+    if out.resolve().is_relative_to(run_dir.resolve()):
+        raise ValueError(f"--out {out}: inside the run {run_dir}; give a directory outside it")
+
+
+LINKED = "weights (*.safetensors but the user model's) hard-linked, other files copied"
+
+
+def copy_run(run_dir: Path, new: Path, user_model, registry: prlhf.UserRegistry):
+    """run_dir into `new` (an empty directory) with `user_model` and `registry` as its users. The weights are
+    hard links (no extra disk; every writer here replaces a weight file by rename, never in place), or copies
+    on another filesystem; checkpoint/ (training's resume state) is left out: the copy is a finished run."""
+    def link_or_copy(source, target):
+        if source.endswith(".safetensors") and Path(source).name not in prlhf.USER_MODEL_FILES:
+            try:
+                return os.link(source, target)
+            except OSError:
+                pass
+        return shutil.copy2(source, target)
+
+    shutil.copytree(run_dir, new, ignore=shutil.ignore_patterns("checkpoint", *prlhf.USER_MODEL_FILES, ".adapt.*"),
+                    copy_function=link_or_copy, dirs_exist_ok=True)
+    prlhf.save_user_model(new, user_model, registry)
 
 
 def adapt_curve(run_dir, name: str, fit_pairs: list[data.Pair], held_pairs: list[data.Pair], about: str, *,
@@ -186,8 +246,8 @@ def adapt_curve(run_dir, name: str, fit_pairs: list[data.Pair], held_pairs: list
     result = {"user": name, "data": about, "steps": steps, "lr": lr, "held_out_pairs": len(held_pairs),
               "curve": points}
     runs.atomic_write_json(result, Path(run_dir) / "adapt_curve.json")
-    plot_curve(points, name, Path(run_dir) / "adapt_curve.png")
-    return result
+    plotted = plot_curve(points, name, Path(run_dir) / "adapt_curve.png")
+    return result | {"plotted": plotted}
 
 
 def print_curve(result: dict, run_dir):
@@ -196,7 +256,8 @@ def print_curve(result: dict, run_dir):
     for p in result["curve"]:
         label = "generic e_0" if p["fit_pairs"] == 0 else f"{p['fit_pairs']} pairs"
         print(f"  {label:<12} {p['accuracy']:.3f} [{p['ci95'][0]:.2f}, {p['ci95'][1]:.2f}]")
-    print(f"wrote {Path(run_dir) / 'adapt_curve.json'}")
+    report.print_written([Path(run_dir) / "adapt_curve.json"],
+                         [str(Path(run_dir) / "adapt_curve.png")] if result.get("plotted") else None)
 
 
 def plot_curve(points: list[dict], name: str, file: Path) -> bool:
@@ -275,30 +336,36 @@ user of the built-in toy task. `python adapt.py users RUN_DIR` lists the learned
 
 
 def adapt_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adapt.py", description=ADAPT_HELP,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = data.ArgumentParser(prog="adapt.py", description=ADAPT_HELP,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN_DIR", help="a pdpo or prm run with an individual or cluster user model")
     p.add_argument("--user", default=None, help="the new user's identifier")
     p.add_argument("--data", default=None, help="JSON Lines pairs; the lines whose 'user' is --user are used")
+    p.add_argument("--out", default=None, metavar="NEW_RUN", help="save into a copy of the run, NEW_RUN (a new or "
+                   f"empty directory; {LINKED}), and leave RUN_DIR as it was (default: save into RUN_DIR)")
     p.add_argument("--curve", action="store_true", help="held-out accuracy against pairs seen (saves no row)")
     curve_flags(p)
-    p.add_argument("--batch-size", type=int, default=8, help="pairs per step (default: %(default)s)")
+    batch = data.Number(int, 1)
+    p.add_argument("--batch-size", type=batch, default=8, help=f"pairs per step; {batch} (default: %(default)s)")
     common_flags(p)
     return p
 
 
 def curve_flags(p: argparse.ArgumentParser):
     """Flags of a fit: adapt.py's, and examples/toy.py --curve's."""
-    p.add_argument("--steps", type=int, default=32, help="Adam steps per fit (default: %(default)s)")
-    p.add_argument("--lr", type=float, default=0.05, help="learning rate of the new row (default: %(default)s)")
+    steps, lr = data.Number(int, 1), data.Number(float, 0, above=True)
+    p.add_argument("--steps", type=steps, default=32, help=f"Adam steps per fit; {steps} (default: %(default)s)")
+    p.add_argument("--lr", type=lr, default=0.05, help=f"learning rate of the new row; {lr} (default: %(default)s)")
 
 
 def users_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="adapt.py users", description="The user registry, each user's cluster weights "
+    p = data.ArgumentParser(prog="adapt.py users", description="The user registry, each user's cluster weights "
                                 "softmax(w_i) (cluster model), and each user's nearest neighbours by cosine "
                                 "similarity of their embeddings e_u (generic row 0 included).")
     p.add_argument("run", metavar="RUN_DIR", help="a run with a user model")
-    p.add_argument("--neighbours", type=int, default=3, help="neighbours listed per user (default: %(default)s)")
+    neighbours = data.Number(int, 1)
+    p.add_argument("--neighbours", type=neighbours, default=3,
+                   help=f"neighbours listed per user; {neighbours} (default: %(default)s)")
     return p
 
 
@@ -308,17 +375,26 @@ def run_adapt(args):
     if not args.user or not args.data:
         runs.fail("adapt.py needs --user NAME and --data FILE with their pairs (for the built-in toy task's new "
                   "user: python -m examples.toy --curve RUN_DIR)")
+    if args.curve and args.out:
+        runs.fail("--out is for saving a fitted user into a copy of the run; --curve saves no user (it writes "
+                  "adapt_curve.json and adapt_curve.png into RUN_DIR)")
     if args.curve:
         pairs = user_pairs(read_data(args.data), args.user, args.data)
         n_held = max(1, len(pairs) // 4)
         r = adapt_curve(args.run, args.user, pairs[:-n_held], pairs[-n_held:], str(args.data), **options)
         return print_curve(r, args.run)
-    r = adapt_user(args.run, args.user, args.data, batch_size=args.batch_size, **options)
+    r = adapt_user(args.run, args.user, args.data, out=args.out, batch_size=args.batch_size, **options)
     g, a = r["generic"], r["adapted"]
     print(f"user {args.user}: row {r['row']}, fitted on {r['pairs']} pairs in {r['steps']} steps "
           f"(loss {r['first_loss']:.3f} -> {r['last_loss']:.3f}); accuracy on these pairs (not held out): "
           f"generic e_0 {g['accuracy']:.3f} -> fitted {a['accuracy']:.3f}")
-    print(f"saved into {args.run} (user_model.safetensors, users.json); {args.user} is now a known user")
+    files = ", ".join(prlhf.USER_MODEL_FILES)
+    if args.out:
+        print(f"wrote {args.out}: a copy of {args.run} ({LINKED}) with {files} rewritten; {args.user} is a known "
+              f"user there; {args.run} is unchanged")
+    else:
+        print(f"changed {args.run}: rewrote {files}; {args.user} is now a known user of it (the LM is unchanged; "
+              f"--out NEW_RUN saves into a copy instead)")
 
 
 def main(argv=None):

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import difflib
 import json
 import math
 import random
@@ -310,12 +311,14 @@ CONSTRAINTS_OFF = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_t
 def evaluate_runs(run_dirs: list[str], data_file, *, out=None, reference: str | None = None,
                   samples_per_user: int = 4, max_new_tokens: int = 64, temperature: float = 0.0,
                   top_p: float | None = None, batch_size: int = 16, seed: int = 0, device: str = "auto",
-                  dtype: str = "fp32", quiet: bool = False, repetition_penalty: float = 1.0,
+                  dtype: str | None = None, quiet: bool = False, repetition_penalty: float = 1.0,
                   no_repeat_ngram_size: int = 0, min_new_tokens: int = 0) -> dict:
     """Score and sample every run on the same data; write report.md, results.json, generations.jsonl and
-    plots into `out` (default: the first run's directory). Returns results.json's content.
+    plots into `out` (default: the first run's directory); print the table and every file written. Returns
+    results.json's content.
 
     `reference` overrides the first run's pi_ref (args.json 'model'); the baseline always uses its own.
+    `dtype` (--dtype) None: each run in the precision it trained in (runs.run_dtype).
     """
     paths = [runs.check_run_dir(p) for p in run_dirs]  # mistyped paths fail first, before any model is loaded
     pairs = runs.read_data(data_file)
@@ -329,7 +332,7 @@ def evaluate_runs(run_dirs: list[str], data_file, *, out=None, reference: str | 
     for i, (name, path) in enumerate(zip(report.run_names(paths), paths)):
         results[name], generations[name], embeddings[name], run_notes = evaluate_run(
             name, path, pairs, data_file, generate, reference=reference if i == 0 else None,
-            device=runs.pick_device(device), dtype=runs.weights_dtype(dtype, runs.pick_device(device)), quiet=quiet)
+            device=runs.pick_device(device), dtype=dtype, quiet=quiet)
         notes += run_notes
     settings = (f"{samples_per_user} prompts per user (seed {seed}), "
                 + ("greedy" if temperature == 0 else f"sampled at temperature {temperature}, top-p {top_p}")
@@ -344,14 +347,19 @@ def evaluate_runs(run_dirs: list[str], data_file, *, out=None, reference: str | 
     plots = report.write_plots(results, generations, embeddings, report.user_groups(pairs), out,
                                training={name: report.read_training(path) for name, path in zip(results, paths)})
     (out / "report.md").write_text(report.report_markdown(results, data_file, pairs, notes, plots, settings))
+    report.print_summary(results)
+    report.print_written([out / "report.md", out / "results.json", out / "generations.jsonl"], plots)
     return results
 
 
 def evaluate_run(name, path, pairs, data_file, generate: dict, *, reference, device, dtype, quiet):
-    """One run: (its results, its generations, its user embeddings, notes for the report)."""
-    run = runs.open_run(path, dtype, device)
-    ref_model = runs.load_reference(path, run, reference, dtype, device)
-    notes = [m for m in [coverage_message(name, run, pairs, data_file)] if m]
+    """One run: (its results, its generations, its user embeddings, notes for the report). dtype: --dtype, None
+    for the precision the run trained in."""
+    dtype, why = runs.run_dtype(path, dtype, device)
+    run = runs.open_run(path, runs.DTYPES[dtype], device)
+    ref_model = runs.load_reference(path, run, reference, runs.DTYPES[dtype], device)
+    notes = [f"note: run {name} scored in {dtype}: {why}"]
+    notes += [m for m in [coverage_message(name, run, pairs, data_file)] if m]
     for m in notes:
         print(m, file=sys.stderr)
     records = score_run(run, ref_model, pairs, device=device, batch_size=generate["batch_size"],
@@ -364,7 +372,7 @@ def evaluate_run(name, path, pairs, data_file, generate: dict, *, reference, dev
     keep = ("user", "group", "status", "prompt", "response", "response_tokens")
     results = run_results(run.args["stage"], records, gens)
     known = [it for it in runs.tokenize(run, pairs) if run.registry.row(it.user) != 0]
-    results |= {"training": report.training_summary(report.read_training(path)),  # do the users take hold?
+    results |= {"dtype": dtype, "training": report.training_summary(report.read_training(path)),  # users take hold?
                 "attention_to_user": attention_to_user(run, known)}
     return (results, [{"run": name, **{k: g[k] for k in keep}} for g in gens],
             report.user_vectors(run.user_model, run.registry), notes)
@@ -416,34 +424,54 @@ def attention_to_user(run: runs.Run, items: list, max_pairs: int = 32) -> list[f
 # Command line: `eval.py RUN_DIR ...`, `eval.py generate ...`, `eval.py export ...`
 
 
+def sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int):
+    """--max-new-tokens, --temperature, --top-p of eval.py and eval.py generate, each checked where parsed."""
+    longest, temperature, top_p = data.Number(int, 1), data.Number(float, 0), data.Number(float, 0, 1, above=True)
+    p.add_argument("--max-new-tokens", type=longest, default=max_new_tokens,
+                   help=f"longest answer; {longest} (default: %(default)s)")
+    p.add_argument("--temperature", type=temperature, default=0.0,
+                   help=f"0 = greedy (default); above 0 = sampled, seeded by --seed; {temperature}")
+    p.add_argument("--top-p", type=top_p, default=None,
+                   help=f"nucleus sampling mass, with --temperature > 0; {top_p} (default: all)")
+
+
 def evaluate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                epilog="Subcommands: `eval.py generate --help` (answer as a user), `eval.py export --help` "
-                                       "(for transformers + peft). New users: `python adapt.py --help`; the "
-                                       "learned users: `python adapt.py users --help`.")
+    p = data.ArgumentParser(prog="eval.py", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            epilog="Subcommands: `eval.py generate --help` (answer as a user), `eval.py export --help` "
+                                   "(for transformers + peft). New users: `python adapt.py --help`; the "
+                                   "learned users: `python adapt.py users --help`.")
     p.add_argument("run", metavar="RUN_DIR", help="a pdpo or prm run directory written by train.py")
     p.add_argument("--data", required=True, help="preference pairs to evaluate on, JSON Lines (see data.py)")
     p.add_argument("--baseline", default=None, metavar="OTHER_RUN_DIR",
                    help="a second run shown side by side (e.g. vanilla DPO against P-DPO)")
     p.add_argument("--out", default=None, help="where to write the report (default: RUN_DIR)")
-    p.add_argument("--samples-per-user", type=int, default=4,
-                   help="prompts per user to generate responses for; 0 = no generation (default: %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=64, help="longest response (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0,
-                   help="0 = greedy (default); above 0 = sampled, seeded by --seed")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, with --temperature > 0")
-    p.add_argument("--batch-size", type=int, default=16,
-                   help="pairs per scoring batch, prompts per generation batch (default: %(default)s)")
+    count, positive, rate = data.Number(int, 0), data.Number(int, 1), data.Number(float, 0, above=True)
+    p.add_argument("--samples-per-user", type=count, default=4,
+                   help=f"prompts per user to generate responses for; 0 = no generation; {count} "
+                        f"(default: %(default)s)")
+    sampling_flags(p, max_new_tokens=64)
+    p.add_argument("--batch-size", type=positive, default=16,
+                   help=f"pairs per scoring batch, prompts per generation batch; {positive} (default: %(default)s)")
     hides = "hides degeneration; off by default, and the report says when used"
-    p.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help=f"divide the logits of tokens already in the row by this (> 1 penalizes; {hides})")
-    p.add_argument("--no-repeat-ngram-size", type=int, default=0,
-                   help=f"forbid repeating any n-gram of this size (0 = off; {hides})")
-    p.add_argument("--min-new-tokens", type=int, default=0, help=f"forbid EOS before this many new tokens ({hides})")
+    p.add_argument("--repetition-penalty", type=rate, default=1.0,
+                   help=f"divide the logits of tokens already in the row by this (> 1 penalizes; {hides}); {rate}")
+    p.add_argument("--no-repeat-ngram-size", type=count, default=0,
+                   help=f"forbid repeating any n-gram of this size (0 = off; {hides}); {count}")
+    p.add_argument("--min-new-tokens", type=count, default=0,
+                   help=f"forbid EOS before this many new tokens ({hides}); {count}, at most --max-new-tokens")
     runs.dtype_flag(p)
     runs.common_flags(p)
     return p
+
+
+def parse_evaluate_args(argv) -> argparse.Namespace:
+    p = evaluate_parser()
+    args = p.parse_args(argv)
+    if args.min_new_tokens > args.max_new_tokens:  # EOS forbidden for longer than the answer may be
+        p.error(f"argument --min-new-tokens: got {args.min_new_tokens}, expected at most --max-new-tokens "
+                f"({args.max_new_tokens})")
+    return args
 
 
 # ----------------------------------------------------------------------------------------------
@@ -492,38 +520,67 @@ def answer_as_users(run: runs.Run, run_dir: Path, users: list[str], prompt: str,
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="eval.py generate", description=(
+    p = data.ArgumentParser(prog="eval.py generate", description=(
         "Answer a prompt as one or more users of a run, side by side. Unknown users get the generic embedding "
-        "e_0. Without --prompt, prompts are read from standard input, one per line, until end of file."))
+        "e_0, with a warning naming the closest known users (--strict: refused). Without --prompt, prompts are "
+        "read from standard input, one per line, until end of file; none at all is an error."))
     p.add_argument("run", metavar="RUN_DIR", help="a pdpo run directory written by train.py")
     p.add_argument("--user", action="append", required=True, help="a user identifier; repeat for several")
+    p.add_argument("--strict", action="store_true", help="refuse a user the run does not know (default: answer "
+                   "them with e_0, and say so on standard error)")
     p.add_argument("--prompt", default=None, help="the prompt (default: read prompts from standard input)")
     p.add_argument("--user-text", default="", help="the user's description, for runs trained with --user-info "
                    "explicit or both: [BOS] [e_u] [user text] [prompt]")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="longest answer (default: %(default)s)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); above 0 = sampled")
-    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass, with --temperature > 0")
-    p.add_argument("--seed", type=int, default=0, help="seed of sampling (default: 0)")
+    sampling_flags(p, max_new_tokens=128)
+    seed = data.Number(int, 0)
+    p.add_argument("--seed", type=seed, default=0, help=f"seed of sampling; {seed} (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
     runs.dtype_flag(p)
     return p
 
 
+def unknown_user_message(run_dir: Path, registry: prlhf.UserRegistry, user: str) -> str:
+    """Why `user` gets e_0, and the known identifiers closest to it (a typo: user_1 for user_01)."""
+    closest = difflib.get_close_matches(user, registry.users, n=3, cutoff=0.0)
+    return (f"{user!r} is not a user of {run_dir}: answered with the generic embedding e_0; closest known "
+            f"users: {', '.join(closest) or 'none (the run has no users)'}")
+
+
+def read_prompts(given: str | None):
+    """--prompt, or the non-blank lines of standard input (on a terminal, after a line saying how to end)."""
+    if given is not None:
+        if not given.strip():
+            raise ValueError("--prompt is empty: give the text to answer (or leave --prompt out to read "
+                             "standard input)")
+        yield given
+        return
+    if sys.stdin is None:
+        return
+    if sys.stdin.isatty():
+        print("reading prompts from standard input, one per line; end with Ctrl-D", file=sys.stderr)
+    yield from (line.rstrip("\n") for line in sys.stdin if line.strip())
+
+
 def run_generate(args):
     device = runs.pick_device(args.device)
     run_dir = runs.check_run_dir(args.run)
-    run = runs.open_run(run_dir, runs.weights_dtype(args.dtype, device), device)
+    run = runs.open_run(run_dir, runs.DTYPES[runs.run_dtype(run_dir, args.dtype, device)[0]], device)
     for user in args.user:
         if run.registry.row(user) == 0:
-            print(f"note: {user} is not a user of {run_dir}: answered with the generic embedding e_0", file=sys.stderr)
+            if args.strict:
+                raise ValueError(unknown_user_message(run_dir, run.registry, user).replace(
+                    "answered with the generic embedding e_0", "refused (--strict)"))
+            print(f"warning: {unknown_user_message(run_dir, run.registry, user)}", file=sys.stderr)
     sampling = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    prompts = [args.prompt] if args.prompt is not None else (line.rstrip("\n") for line in sys.stdin)
-    for prompt in prompts:
-        if not prompt.strip():
-            continue
+    answered = 0
+    for prompt in read_prompts(args.prompt):
         for a in answer_as_users(run, run_dir, args.user, prompt, user_text=args.user_text, chat=args.chat, **sampling):
             print(f"[{a['user']}{'' if a['known'] else ', unseen: e_0'}] {a['answer']}", flush=True)
+        answered += 1
+    if not answered:
+        raise ValueError("no prompt to answer: give --prompt TEXT, or prompts on standard input, one per line "
+                         "(standard input held none)")
 
 
 def main(argv=None):
@@ -539,15 +596,14 @@ def main(argv=None):
             runs.fail(f"`eval.py {command}` is now `python adapt.py{' users' if command == 'users' else ''} "
                       f"{' '.join(argv[1:])}`".rstrip() + " (see python adapt.py --help)")
         else:
-            args = evaluate_parser().parse_args(argv)
+            args = parse_evaluate_args(argv)
             run_dirs = [args.run] + ([args.baseline] if args.baseline else [])
-            results = evaluate_runs(run_dirs, args.data, out=args.out, reference=args.reference,
-                                    samples_per_user=args.samples_per_user, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
-                                    seed=args.seed, device=args.device, dtype=args.dtype, quiet=args.quiet,
-                                    repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens,
-                                    no_repeat_ngram_size=args.no_repeat_ngram_size)
-            report.print_summary(results, Path(args.out or args.run))
+            evaluate_runs(run_dirs, args.data, out=args.out, reference=args.reference,
+                          samples_per_user=args.samples_per_user, max_new_tokens=args.max_new_tokens,
+                          temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
+                          seed=args.seed, device=args.device, dtype=args.dtype, quiet=args.quiet,
+                          repetition_penalty=args.repetition_penalty, min_new_tokens=args.min_new_tokens,
+                          no_repeat_ngram_size=args.no_repeat_ngram_size)
     except (data.DataError, ValueError, FileNotFoundError) as e:
         runs.fail(str(e))
 

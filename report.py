@@ -357,7 +357,7 @@ def save_figure(plt, fig, file: Path) -> str:
 
 
 
-def print_summary(results: dict, out: Path):
+def print_summary(results: dict):
     first = next(iter(results.values()))
     section = "groups" if first["groups"] else "status"
     print(f"\n{'run':<14}{'group' if section == 'groups' else 'users':<12}{'pairs':>6}{'accuracy':>10}"
@@ -370,4 +370,15 @@ def print_summary(results: dict, out: Path):
                 f"{e['distinct_2']:.2f}"]
             print(f"{name:<14}{g:<12}{e['pairs']:>6}{e['accuracy']:>10.3f}{f'[{lo:.2f}, {hi:.2f}]':>16}"
                   f"{gen[0]:>14}{gen[1]:>7}{gen[2]:>8}{gen[3]:>8}")
-    print(f"\nwrote {out}/report.md, results.json, generations.jsonl")
+
+
+PLOTS_SKIPPED = "plots skipped: matplotlib is not installed (pip install matplotlib, then run this command again)"
+
+
+def print_written(files: list, plots: list[str] | None):
+    """Every file a command wrote, one line each; plots None (no matplotlib) says so and how to get them."""
+    print()
+    for file in [*files, *(plots or [])]:
+        print(f"wrote {file}")
+    if plots is None:
+        print(PLOTS_SKIPPED)

@@ -336,11 +336,6 @@ def save_run(out: Path, model, user_model, registry, reward_head, tokenizer, mer
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def weights_dtype(name: str, device: str) -> torch.dtype:
-    """--dtype: fp32, bf16, fp16, or auto (bf16 where bf16 is native, else fp32: pick_precision)."""
-    return DTYPES[pick_precision(name, device)]
-
-
 def check_run_dir(path) -> Path:
     path = Path(path)
     if not is_run_dir(path):
@@ -404,14 +399,29 @@ def common_flags(p: argparse.ArgumentParser):
     p.add_argument("--reference", default=None,
                    help="pi_ref, the run's starting model (default: 'model' in the run's args.json)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="seed of prompt choice, sampling, data order (default: 0)")
+    seed = data.Number(int, 0)
+    p.add_argument("--seed", type=seed, default=0, help=f"seed of prompt choice, sampling, data order; {seed} "
+                   f"(default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
 def dtype_flag(p: argparse.ArgumentParser):
-    p.add_argument("--dtype", choices=[*DTYPES, "auto"], default="auto",
-                   help="dtype of the loaded weights; auto: bf16 on CUDA and on CPUs with native bf16, else fp32 "
-                        "(default: %(default)s)")
+    p.add_argument("--dtype", choices=[*DTYPES, "auto"], default=None,
+                   help="dtype of the loaded weights (default: the precision the run trained in, args.json "
+                        "'precision', where this device runs it natively, else fp32); auto: bf16 on CUDA and on "
+                        "CPUs with native bf16, else fp32")
+
+
+def run_dtype(run_dir, choice: str | None, device: str) -> tuple[str, str]:
+    """--dtype for one run: (fp32 / bf16 / fp16, why). None: the precision the run trained in (args.json
+    'precision'), so that its scores are the ones training reported; bf16 only where native, fp16 only on CUDA."""
+    if choice is not None:
+        return pick_precision(choice, device), f"--dtype {choice}"
+    trained = read_json(Path(run_dir) / "args.json").get("precision", "fp32")  # older runs: fp32, the default
+    native = {"bf16": native_bf16(device), "fp16": device.startswith("cuda")}.get(trained, True)
+    if trained in DTYPES and native:
+        return trained, "the precision it trained in (args.json 'precision'; --dtype to choose)"
+    return "fp32", f"it trained in {trained}, not native on {device} (--dtype to choose)"
 
 
 # ----------------------------------------------------------------------------------------------

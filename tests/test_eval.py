@@ -450,7 +450,9 @@ def test_generate_answers_side_by_side_and_tells_an_unknown_user(runs, capsys):
     captured = capsys.readouterr()
     lines = captured.out.splitlines()
     assert [line.split("] ", 1)[0] for line in lines] == ["[user_01", "[stranger, unseen: e_0"]
-    assert captured.err.strip() == f"note: stranger is not a user of {run}: answered with the generic embedding e_0"
+    warning = (f"warning: 'stranger' is not a user of {run}: answered with the generic embedding e_0; "
+               f"closest known users: ")
+    assert captured.err.strip().startswith(warning) and len(captured.err.strip().splitlines()) == 1
     opened = R.open_run(run, torch.float32, "cpu")
     pairs = [data.Pair(u, " Describe the apple.", "a", "b") for u in ("user_01", "stranger")]
     expected = E.generate_responses(opened.model, opened.user_model, opened.registry, opened.tokenizer,
