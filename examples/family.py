@@ -19,6 +19,11 @@ kind; a pair's rejected answer is another kind. What tells the kinds apart is dr
 
 `from_toy("length")` and `from_toy("style")` are the demo's two tasks as members. `make_task(0, **ISSUE_26)` is
 the task of issue #26 (50/30/20%: two opposite scattered styles, and "shorter").
+
+Members without a template (`make_bag_task(seed)`, issue #35): an answer is a few unordered words, some from the
+kind's topic or style set among filler words, of a random length, ending in the kind's ending ("." / "?" / "!", or a
+last marker word), so the preferred and the rejected answer part at their first word, and a preference can be
+decided at the very end. `Task.kind_of(pair, answer)` sorts an answer of either family into a group.
 """
 from __future__ import annotations
 
@@ -170,6 +175,15 @@ class Task:
             texts.extend(" " + text for text in (prompt, *answers.values()))
         return texts
 
+    def kind_of(self, pair: Pair, response: str) -> str | None:
+        """The group whose kind `response` to pair's prompt is, or None (broken)."""
+        return self.classify(self.topic(pair.chosen), response)
+
+    @staticmethod
+    def subject(pair: Pair) -> str:
+        """The object x the prompt asks about ("Tell me about the {x}.")."""
+        return re.search(r"the (\w+)", pair.prompt)[1]
+
     def summary(self) -> str:
         return ", ".join(f"{g} {self.shares[g]:.0%} ({self.describe.get(g, self.kinds[g])})" for g in self.kinds)
 
@@ -272,3 +286,146 @@ def make_task(seed: int, **overrides) -> Task:
                 n_valid_per_user=pick("n_valid_per_user", lambda: 8),
                 n_unseen_users=pick("n_unseen_users", lambda: 4))
     return task.make_pairs()
+
+
+# ----------------------------------------------------------------------------------------------
+# Members without a template (issue #35): unordered words, random lengths, markers at the end
+
+BAG_AXES = {"words": [*TOPICS, "any"], "end": ["stop", "question", "exclaim", "endword"], "style": ["A", "B", "plain"],
+            "size": ["short", "long"]}
+ENDINGS = {"stop": ".", "question": "?", "exclaim": "!"}  # "endword": the member's end marker word, then "."
+SIZES = {"short": (3, 6), "long": (8, 13)}  # words before the ending, when drawn
+ACCEPTED = {"short": (1, 6), "long": (8, 20), None: (1, 20)}  # when judged: greedy answers of unordered words are
+# shorter than the drawn ones (the likeliest few words, then the ending): a kind without a size axis takes any length
+ISSUE_35 = dict(shares=[0.55, 0.30, 0.15], axes=["words", "end"],  # issue #35's task 2: animals, food, "?" last
+                combos=[{"words": "animals", "end": "stop"}, {"words": "food", "end": "stop"},
+                        {"words": "any", "end": "question"}], n_users=20, pairs_per_user=48)
+
+
+@dataclass
+class BagTask(Task):
+    """A member whose kinds are combos {axis: value} (BAG_AXES) instead of templates. An answer of a kind: n words
+    (its size's range, or every size's when the member has no size axis), 1-3 of them from its topic set ("any": one
+    topic at random), 1-2 markers of its style, the rest distinct filler words, in random order; then its ending
+    (".", "?", "!", or the end marker word and "."; ENDINGS). Kinds are told apart by the answer's words, not by where they
+    stand: classify accepts an answer of in-vocabulary words whose features (BagTask.features) fit exactly one kind."""
+
+    combos: dict[str, dict] = field(default_factory=dict)  # group -> {axis: value}
+
+    def answers(self, rng: random.Random) -> tuple[str, dict[str, str]]:
+        x = rng.choice(NOUNS)
+        prompt = rng.choice(PROMPTS).format(x=x)
+        out = {}
+        for group, combo in self.combos.items():
+            for _ in range(100):  # "any" may land on another group's topic: draw again until only this kind fits
+                text = self.draw_answer(rng, combo)
+                if self.classify(None, text) == group:
+                    break
+            else:
+                raise ValueError(f"bag member {self.seed}: kind {group} ({combo}) cannot be told from the others")
+            out[group] = text
+        return prompt, out
+
+    def draw_answer(self, rng: random.Random, combo: dict) -> str:
+        lo, hi = SIZES[combo["size"]] if "size" in combo else (SIZES["short"][0], SIZES["long"][1])
+        n = rng.randint(lo, hi)
+        topic = combo.get("words")
+        words = []
+        if topic is not None:
+            topic = rng.choice(list(TOPICS)) if topic == "any" else topic
+            words += rng.sample(self.word_sets[topic], rng.randint(1, min(3, n - 1)))
+        if combo.get("style", "plain") != "plain":
+            words += rng.sample(self.word_sets[f"style{combo['style']}"], min(rng.randint(1, 2), n - len(words)))
+        words += rng.sample(self.word_sets["neutral"], n - len(words))
+        rng.shuffle(words)
+        end = combo.get("end", "stop")
+        return " ".join(words) + (f" {self.word_sets['end'][0]}." if end == "endword" else ENDINGS[end])
+
+    def features(self, response: str) -> dict | None:
+        """{axis: value} of an answer, or None when it is broken (empty, unknown words, no ending). A word may repeat, as
+        a template member's set words may ("cake cake pie"): greedy decoding of unordered words often does."""
+        text = response.strip()
+        if len(text) < 2 or text[-1] not in ".?!" or text[-2] == " ":
+            return None
+        words = text[:-1].split()
+        known = {w for ws in self.word_sets.values() for w in ws}
+        if not words or not set(words) <= known:
+            return None
+        end = {v: k for k, v in ENDINGS.items()}[text[-1]]
+        if end == "stop" and words[-1] in self.word_sets["end"]:
+            end, words = "endword", words[:-1]
+        elif set(words) & set(self.word_sets["end"]):
+            return None  # the end marker anywhere but last
+        topics = [t for t in TOPICS if set(words) & set(self.word_sets[t])]
+        styles = [s for s in "AB" if set(words) & set(self.word_sets[f"style{s}"])]
+        return {"words": topics[0] if len(topics) == 1 else "none" if not topics else "mixed", "end": end,
+                "style": styles[0] if len(styles) == 1 else "plain" if not styles else "mixed", "n": len(words)}
+
+    def fits(self, f: dict, combo: dict) -> bool:
+        lo, hi = ACCEPTED[combo.get("size")]
+        if not lo <= f["n"] <= hi or f["end"] != combo.get("end", "stop"):
+            return False
+        if combo.get("style", "plain") != f["style"]:
+            return False
+        words = combo.get("words")
+        return f["words"] == "none" if words is None else f["words"] in TOPICS if words == "any" else f["words"] == words
+
+    def classify(self, topic, response: str) -> str | None:
+        """The group whose kind `response` is, or None (broken, or fitting no kind or several). topic: unused."""
+        f = self.features(response)
+        found = [g for g, combo in self.combos.items() if f is not None and self.fits(f, combo)]
+        return found[0] if len(found) == 1 else None
+
+    def kind_of(self, pair: Pair, response: str) -> str | None:
+        return self.classify(None, response)
+
+    def summary(self) -> str:
+        return ", ".join(f"{g} {self.shares[g]:.0%}" for g in self.combos)
+
+
+def make_bag_task(seed: int, **overrides) -> BagTask:
+    """A random member without a template, deterministic in (seed, overrides). Overrides (drawn when not given):
+    shares (largest first; 2-3 groups), axes (1-3 of BAG_AXES: several at once make pairs that differ in several
+    places), combos (group -> {axis: value}), n_neutral, n_users, pairs_per_user, n_valid_per_user, n_unseen_users."""
+    rng = random.Random(10_000 + seed)  # a stream of its own: make_task(seed) stays as it was
+    unknown = set(overrides) - {"shares", "axes", "combos", "n_neutral", "n_users", "pairs_per_user",
+                                "n_valid_per_user", "n_unseen_users"}
+    if unknown:
+        raise ValueError(f"make_bag_task: unknown overrides {sorted(unknown)}")
+
+    def pick(name, draw):
+        return overrides[name] if name in overrides else draw()
+
+    shares = pick("shares", lambda: _draw_shares(rng, rng.choice([2, 3])))
+    axes = pick("axes", lambda: rng.sample(sorted(BAG_AXES), rng.choice([1, 2, 2, 3])))
+    combos = pick("combos", lambda: _draw_bag_combos(rng, axes, len(shares)))
+    markers = rng.sample(MARKERS, 5)
+    word_sets = {"neutral": rng.sample(NEUTRAL, pick("n_neutral", lambda: rng.randint(14, len(NEUTRAL)))), **TOPICS,
+                 "styleA": markers[0:2], "styleB": markers[2:4], "end": markers[4:5]}
+    names = ["-".join(str(v) for v in c.values()) for c in combos]
+    smallest = min(shares)
+    task = BagTask(kinds={n: n for n in names}, shares=dict(zip(names, shares)), seed=seed, word_sets=word_sets,
+                   describe={n: " ".join(f"{a} {v}" for a, v in c.items()) for n, c in zip(names, combos)},
+                   combos=dict(zip(names, combos)),
+                   n_users=pick("n_users", lambda: rng.randint(max(10, math.ceil(2.5 / smallest)), 20)),
+                   pairs_per_user=pick("pairs_per_user", lambda: rng.choice([32, 48])),
+                   n_valid_per_user=pick("n_valid_per_user", lambda: 8),
+                   n_unseen_users=pick("n_unseen_users", lambda: 4))
+    return task.make_pairs()
+
+
+def _draw_bag_combos(rng: random.Random, axes: list[str], n_groups: int) -> list[dict]:
+    """n_groups distinct combos over `axes`; "words: any" only beside an axis where it differs from every other."""
+    while True:
+        combos = _draw_combos_from(rng, {a: BAG_AXES[a] for a in axes}, n_groups)
+        if all(c.get("words") != "any" or all(any(c[a] != d[a] for a in axes if a != "words") for d in combos if d is not c)
+               for c in combos):
+            return combos
+
+
+def _draw_combos_from(rng: random.Random, values: dict[str, list], n_groups: int) -> list[dict]:
+    everything = [{}]
+    for axis, vs in values.items():
+        everything = [{**c, axis: v} for c in everything for v in vs]
+    return rng.sample(everything, n_groups)
+

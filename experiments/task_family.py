@@ -45,11 +45,13 @@ from examples import family as F  # noqa: E402
 from examples.toy import preferred_answers  # noqa: E402
 
 ISSUE_TASK = "issue"  # --tasks issue: make_task(0, **family.ISSUE_26)
+ISSUE_35_TASK = "issue35"  # --tasks issue35: make_bag_task(0, **family.ISSUE_35); --tasks b7: make_bag_task(7)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", default="0,1,2,3,4,5", help="comma-separated member seeds, 'issue', 'toy-length', 'toy-style'")
+    p.add_argument("--tasks", default="0,1,2,3,4,5", help="comma-separated member seeds, 'issue', 'toy-length', 'toy-style'; members "
+                   "without a template: 'b0', 'b1', ... (family.make_bag_task), 'issue35'")
     p.add_argument("--seeds", default="0", help="comma-separated training seeds")
     p.add_argument("--hidden", type=int, default=lm.TINY_LLAMA["hidden_size"], help="model width d")
     p.add_argument("--layers", type=int, default=lm.TINY_LLAMA["n_layers"], help="transformer blocks")
@@ -84,6 +86,10 @@ def member(name: str, **overrides) -> F.Task:
         if overrides:
             raise ValueError(f"--more-prompts: not for the toy members ({name})")
         return F.from_toy(name[len("toy-"):])
+    if name == ISSUE_35_TASK:
+        return F.make_bag_task(0, **{**F.ISSUE_35, **overrides})
+    if name.startswith("b"):
+        return F.make_bag_task(int(name[1:]), **overrides)
     return F.make_task(0, **{**F.ISSUE_26, **overrides}) if name == ISSUE_TASK else F.make_task(int(name), **overrides)
 
 
@@ -102,43 +108,45 @@ def field_value(text: str):
 
 def results(run_dir: Path, task: F.Task) -> dict:
     """As the demo's table: accuracy per group, greedy answers sorted into the member's kinds (task.classify)."""
-    r = preferred_answers(run_dir, task.valid, lambda pair, answer: task.classify(task.topic(pair.chosen), answer),
-                          max_new_tokens=48)
-    groups = {g: {k: v[k] for k in ("accuracy", "pairs", "answers_as_preferred")} for g, v in r["groups"].items()}
+    r = preferred_answers(run_dir, task.valid, task.kind_of, max_new_tokens=48)
+    groups = {g: {k: v[k] for k in ("accuracy", "pairs", "answers_as_preferred", "empty")} for g, v in r["groups"].items()}
     users = json.loads((run_dir / "eval.json").read_text())["users"]
     return {"groups": groups, "users": {u: s["accuracy"] for u, s in users.items()}, "clean_answers": r["clean_answers"]}
 
 
-def sft_clean(run_dir: Path, task: F.Task) -> float:
-    """Share of the SFT model's greedy answers to the held-out prompts that are of some group's kind (kept in
-    RUN/clean_answers.json): what vanilla DPO and P-DPO start from. Its misses are mostly about another noun
-    than the prompt's."""
+def sft_answers(run_dir: Path, task: F.Task) -> dict:
+    """The SFT model's greedy answers to the held-out prompts (kept in RUN/clean_answers.json): the share of some
+    group's kind (clean_answers; its misses are mostly about another noun than the prompt's), and per group the
+    share of empty answers to that group's prompts (empty): what vanilla DPO and P-DPO start from."""
     cache = run_dir / "clean_answers.json"
-    if not cache.is_file():
-        kinds = answer_kinds(run_dir, task, task.valid)
-        runs.atomic_write_json({"clean_answers": sum(k is not None for k in kinds) / len(kinds)}, cache)
-    return runs.read_json(cache)["clean_answers"]
+    if not cache.is_file() or "empty" not in runs.read_json(cache):
+        kinds, responses = answer_kinds(run_dir, task, task.valid, with_responses=True)
+        empty = {g: [not r.strip() for r, p in zip(responses, task.valid) if p.group == g] for g in task.kinds}
+        runs.atomic_write_json({"clean_answers": sum(k is not None for k in kinds) / len(kinds),
+                                "empty": {g: sum(e) / len(e) for g, e in empty.items()}}, cache)
+    return runs.read_json(cache)
 
 
-def answer_kinds(run_dir: Path, task: F.Task, pairs: list) -> list:
+def answer_kinds(run_dir: Path, task: F.Task, pairs: list, with_responses: bool = False) -> list:
     """The run's greedy answer to each pair's prompt, as that pair's user (none for an SFT run, which has no user
-    model), sorted into the task's kinds: a group, or None (broken)."""
+    model), sorted into the task's kinds: a group, or None (broken); with_responses: (kinds, the answers)."""
     run = runs.load_run(run_dir)
     items, _ = data.tokenize_pairs(pairs, run.tokenizer, 96, 32)
     gens = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items, max_new_tokens=48)
-    kinds = [None] * len(pairs)
+    kinds, responses = [None] * len(pairs), [""] * len(pairs)
     for g, item in zip(gens, items):
-        kinds[item.index] = task.classify(task.topic(pairs[item.index].chosen), g["response"])
-    return kinds
+        kinds[item.index] = task.kind_of(pairs[item.index], g["response"])
+        responses[item.index] = g["response"]
+    return (kinds, responses) if with_responses else kinds
 
 
 def sft_misses_by_object(run_dir: Path, task: F.Task) -> dict:
     """The SFT model's held-out answers by how often their prompt's object is answered in the training pairs:
     {"never" / "1-2" / "3+": [prompts, broken answers]}. A from-scratch LM misses what it never saw answered."""
-    seen = Counter(task.topic(p.chosen) for p in task.train)
+    seen = Counter(task.subject(p) for p in task.train)
     out = {"never": [0, 0], "1-2": [0, 0], "3+": [0, 0]}
     for pair, kind in zip(task.valid, answer_kinds(run_dir, task, task.valid)):
-        n = seen[task.topic(pair.chosen)]
+        n = seen[task.subject(pair)]
         bucket = out["never" if n == 0 else "1-2" if n <= 2 else "3+"]
         bucket[0] += 1
         bucket[1] += kind is None
@@ -216,7 +224,8 @@ def run_one(name: str, seed: int, args, pdpo_fields: dict, sft_fields: dict) -> 
         misses = sft_misses_by_object(root / "sft", task)
         clean = 1 - sum(m for _, m in misses.values()) / sum(n for n, _ in misses.values())
         return {**out, "sft_clean_answers": clean, "sft_misses_by_object": misses}
-    out = {**out, "sft_clean_answers": sft_clean(root / "sft", task),
+    sft = sft_answers(root / "sft", task)
+    out = {**out, "sft_clean_answers": sft["clean_answers"], "sft_empty": sft["empty"],
            "dpo": results(root / "dpo", task), "pdpo": results(root / f"pdpo-{args.tag}", task)}
     if args.probe:
         out["probe"] = probe(root / f"pdpo-{args.tag}", task)
@@ -232,7 +241,9 @@ def check(r: dict, task: F.Task, args) -> dict:
     eligible = any(dpo[g]["accuracy"] <= args.dpo_fails for g in minorities)
     ok = all(pdpo[g]["accuracy"] >= args.accuracy and (pdpo[g]["answers_as_preferred"] or 0) >= args.preferred
              for g in task.kinds)
-    verdict = {"eligible": eligible, "success": ok}
+    # no empty answers where the SFT model answered every prompt of the group (issue #35)
+    no_empty = all(pdpo[g]["empty"] <= 0.01 for g in task.kinds if r.get("sft_empty", {}).get(g, 0) == 0)
+    verdict = {"eligible": eligible, "success": ok, "no_empty": no_empty}
     more = r["pdpo"].get("more_answers_as_preferred")
     if more is not None:  # --more-prompts: the same test, answers counted on the further prompts
         verdict["success_more_prompts"] = all(pdpo[g]["accuracy"] >= args.accuracy and more[g] >= args.preferred
@@ -279,18 +290,21 @@ def main(argv=None):
                 d, p = r["dpo"]["groups"][g], r["pdpo"]["groups"][g]
                 rows.append([name, seed, g, f"{task.shares[g]:.2f}", f"{d['accuracy']:.3f}", f"{p['accuracy']:.3f}",
                              f"{d['answers_as_preferred']:.3f}", f"{p['answers_as_preferred']:.3f}",
-                             f"{r['dpo']['clean_answers']:.3f}", f"{r['pdpo']['clean_answers']:.3f}"])
+                             f"{r['dpo']['clean_answers']:.3f}", f"{r['pdpo']['clean_answers']:.3f}",
+                             f"{r['sft_empty'][g]:.2f}", f"{d['empty']:.2f}", f"{p['empty']:.2f}"])
             if "probe" in r:
                 print("  probe:", json.dumps(r["probe"]), flush=True)
     if args.sft_only:
         return sft_summary(records, time.perf_counter() - t0)
     C.print_table(["task", "seed", "group", "share", "acc DPO", "acc P-DPO", "as pref DPO", "as pref P-DPO",
-                   "clean DPO", "clean P-DPO"], rows, title=f"P-DPO arm {args.tag} {pdpo_fields or '(recipe tiny)'}")
+                   "clean DPO", "clean P-DPO", "empty SFT", "empty DPO", "empty P-DPO"], rows, title=f"P-DPO arm {args.tag} {pdpo_fields or '(recipe tiny)'}")
     eligible = [r for r in records if r["eligible"]]
     successes = [r for r in eligible if r["success"]]
     print(f"success: {len(successes)} of {len(eligible)} eligible member x seed runs ({len(records)} in all); "
           f"failures: {[(r['task'], r['seed']) for r in eligible if not r['success']]}; "
           f"{time.perf_counter() - t0:.0f} s")
+    print(f"no empty answers (<= 1% per group the SFT model answers non-empty): {sum(r['no_empty'] for r in eligible)} "
+          f"of {len(eligible)} eligible; failures: {[(r['task'], r['seed']) for r in eligible if not r['no_empty']]}")
     if args.more_prompts:
         print(f"on {args.more_prompts} further prompts per known user: success "
               f"{sum(r['success_more_prompts'] for r in eligible)} of {len(eligible)}; failures: "

@@ -101,3 +101,69 @@ def test_the_issue_task_is_a_member():
     assert Counter(task.users.values()) == {"A-long": 10, "B-long": 6, "plain-short": 4}
     with pytest.raises(ValueError, match="unknown overrides"):
         F.make_task(0, n_group=3)
+
+
+# ----------------------------------------------------------------------------------------------
+# Members without a template (issue #35)
+
+BAG_SEEDS = range(12)
+
+
+@pytest.mark.parametrize("seed", BAG_SEEDS)
+def test_a_bag_member_classifies_its_own_answers(seed):
+    """Every chosen answer is its group's kind and every rejected one another group's; answers are unordered words
+    of random lengths, so y_w and y_l usually part at their first word."""
+    task = F.make_bag_task(seed)
+    again = F.make_bag_task(seed)
+    assert task.train == again.train and task.valid == again.valid and task.combos == again.combos
+    assert 2 <= len(task.kinds) <= 3 and abs(sum(task.shares.values()) - 1) < 1e-9
+    first_word_differs = 0
+    for p in task.train + task.valid:
+        assert task.kind_of(p, p.chosen) == p.group or p.group == "unseen"
+        assert task.kind_of(p, p.rejected) not in (None, task.kind_of(p, p.chosen))
+        first_word_differs += p.chosen.split()[0] != p.rejected.split()[0]
+    assert first_word_differs > 0.7 * len(task.train + task.valid)
+    lengths = Counter(len(p.chosen.split()) for p in task.train)
+    assert len(lengths) >= 3  # random lengths
+
+
+def test_bag_features_by_hand():
+    task = F.make_bag_task(0, **F.ISSUE_35)
+    assert task.summary() == "animals-stop 55%, food-stop 30%, any-question 15%"
+    filler = task.word_sets["neutral"][:3]
+    end_word = task.word_sets["end"][0]
+    cases = {f" {filler[0]} cat {filler[1]} dog.": "animals-stop",
+             f" {filler[0]} cat cat.": "animals-stop",  # a word may repeat, as greedy answers do
+             f" tea {filler[0]} {filler[1]} {filler[2]}.": "food-stop",
+             f" tea {filler[0]} {filler[1]} {filler[2]}?": "any-question",
+             f" {filler[0]} owl {filler[1]}?": "any-question",
+             f" {filler[0]} {filler[1]} {filler[2]}?": None,  # no topic: "any" needs one
+             f" tea cat {filler[0]}.": None,  # two topics
+             f" cat {filler[0]}.": "animals-stop",  # greedy answers are short: without a size axis any length
+             f" cat {filler[0]} {filler[1]} {end_word}.": None,  # this member has no end-word kind
+             f" cat {filler[0]} kettle.": None,  # a word the member never uses
+             f" cat {filler[0]} {filler[1]}": None,  # no ending
+             "": None}
+    for text, group in cases.items():
+        assert task.classify(None, text) == group, text
+    assert task.features(f" tea {filler[0]} {filler[1]} {end_word}.")["end"] == "endword"
+
+
+def test_the_template_members_are_unchanged_by_the_bag_members():
+    """make_bag_task draws from its own stream: make_task(seed) gives what it gave before (its first pair, pinned)."""
+    task = F.make_task(3)
+    assert task.summary().startswith("long-P1 76%")
+    assert task.train[0] == F.Pair("user_01", " What is the scooter like?", " The scooter is warm, often thereby now "
+                                   "other such often there quite other and.", " The scooter is warm, often lo now other.",
+                                   group="long-P1")
+    assert task.kind_of(task.train[0], task.train[0].chosen) == task.train[0].group
+    assert F.Task.subject(task.train[0]) == task.topic(task.train[0].chosen)
+
+
+def test_a_size_axis_judges_the_length():
+    task = F.make_bag_task(0, shares=[0.6, 0.4], axes=["size"], combos=[{"size": "long"}, {"size": "short"}])
+    filler = task.word_sets["neutral"]
+    assert task.classify(None, " " + " ".join(filler[:3]) + ".") == "short"
+    assert task.classify(None, " " + " ".join(filler[:7]) + ".") is None  # between the two sizes
+    assert task.classify(None, " " + " ".join(filler[:9]) + ".") == "long"
+    assert {task.kind_of(p, p.chosen) for p in task.train} == {"long", "short"}
