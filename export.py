@@ -10,6 +10,9 @@ OUT then holds what plain `transformers` + `peft` need to answer as any user (do
     user_embeddings.json                             row -> user identifier (row 0: null), T_u, d, the layout
     tokenizer.json, tokenizer_config.json, ...       the run's tokenizer
 
+A full fine-tuning run is itself a Hugging Face checkpoint (AutoModelForCausalLM.from_pretrained(RUN)): OUT gets
+its user embeddings and tokenizer, no adapters.
+
 OUT appears complete or not at all: everything is read and checked first, written into a temporary directory
 beside OUT, then renamed. OUT may be new, empty or a previous export (replaced only on success); a directory
 holding other files is refused.
@@ -140,13 +143,13 @@ ARGS_FIELDS = {"model": ("a string", str), "lora_r": ("an integer >= 1", int),
                "lora_alpha": ("a number", (int, float)), "lora_dropout": ("a number", (int, float))}
 
 
-def read_args(run_dir: Path) -> dict:
-    """RUN/args.json, with the fields export uses checked."""
+def read_args(run_dir: Path, lora: bool = True) -> dict:
+    """RUN/args.json, with the fields export uses checked (a full run's: none)."""
     file = run_dir / "args.json"
     args = data.read_json(file)  # a byte-order mark and CRLF accepted, as in every file people may edit
     if not isinstance(args, dict):
         raise ValueError(f"{file}: expected a JSON object of train.py's flags, got a {data.json_type(args)}")
-    for name, (what, kind) in ARGS_FIELDS.items():
+    for name, (what, kind) in ARGS_FIELDS.items() if lora else ():
         value = args.get(name)
         if isinstance(value, bool) or not isinstance(value, kind) or (name == "lora_r" and value < 1):
             got = repr(value) if name in args else "nothing (the field is missing)"
@@ -216,27 +219,29 @@ def export_run(run_dir, out_dir) -> list[str]:
     run_dir, out = Path(run_dir), Path(out_dir)
     if not runs.is_run_dir(run_dir):
         raise FileNotFoundError(f"{run_dir}: not a run directory (no args.json); train one with train.py --out")
-    if not (run_dir / "adapter.safetensors").is_file():
-        # save_run writes a full run's weights as config.json + model.safetensors in the run directory itself
-        raise ValueError(f"{run_dir}: a full fine-tuning run (no adapter.safetensors): {run_dir} is already a "
-                         f"Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json); export is "
-                         f"for LoRA runs (train.py --lora-r)")
-    args = read_args(run_dir)
+    lora = (run_dir / "adapter.safetensors").is_file()  # else save_run wrote config.json + model.safetensors
+    args = read_args(run_dir, lora)
+    if not lora and not check_user_model(run_dir, args):
+        raise ValueError(f"{run_dir}: a full fine-tuning run without users (no adapter.safetensors, no user model) "
+                         f"is already a Hugging Face checkpoint (config.json, model.safetensors, tokenizer.json): "
+                         f"nothing to export")
     check_out(out)
-    adapters, config, targets = adapter_files(run_dir, args)
+    adapters, config, targets = adapter_files(run_dir, args) if lora else (None, None, None)
     tokenizer = data.load_tokenizer(run_dir)
     rows, rows_json = user_files(run_dir, args) if check_user_model(run_dir, args) else (None, None)
 
     def write(directory: Path):
-        runs.atomic_save_tensors(adapters, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
-        runs.atomic_write_json(config, directory / ADAPTER_CONFIG)
+        if lora:
+            runs.atomic_save_tensors(adapters, directory / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+            runs.atomic_write_json(config, directory / ADAPTER_CONFIG)
         if rows is not None:
             runs.atomic_save_tensors({"user_embeddings": rows}, directory / USER_EMBEDDINGS, metadata={"format": "pt"})
             runs.atomic_write_json(rows_json, directory / USER_ROWS)
         tokenizer.save(directory)
 
     replace_directory(out, write)
-    notes = [f"{out}/{ADAPTER_WEIGHTS}: LoRA r {args['lora_r']} on {', '.join(targets)} of {args['model']}"]
+    notes = [f"{out}/{ADAPTER_WEIGHTS}: LoRA r {args['lora_r']} on {', '.join(targets)} of {args['model']}" if lora
+             else f"{run_dir} is a full fine-tuning run: the model is {run_dir} itself (a Hugging Face checkpoint)"]
     if rows is None:
         notes.append(f"{run_dir} has no user model (an SFT run): adapters only"
                      + (f"; {run_dir}/merged is the same model as one checkpoint" if (run_dir / "merged").is_dir() else ""))
@@ -253,7 +258,8 @@ def main(argv=None):
                             "adapters in PEFT's format and the users' embeddings e_u (docs/huggingface.md). "
                             "All or nothing: everything is checked before the first write, and OUT appears only "
                             "when complete.")
-    p.add_argument("run", help="run directory written by train.py with --lora-r > 0")
+    p.add_argument("run", help="run directory written by train.py: with --lora-r > 0 (adapters and users), or a "
+                   "full fine-tuning run with users (users only: the run itself is the Hugging Face checkpoint)")
     p.add_argument("out", help="directory to write adapter_config.json, adapter_model.safetensors, "
                    "user_embeddings.* and the tokenizer into: a new or empty directory, or a previous export, "
                    "which is replaced only when this export succeeds; a directory holding other files is refused")

@@ -4,11 +4,13 @@ parsed, in one line naming the flag and what it accepts, exit code 2; adapt.py w
 (into the run, or into a copy with --out); eval.py says what it did: the precision it scored in, every file it
 wrote, a user it does not know and the closest known ones, a prompt that was not there.
 
-The converters, data.py check and export.py: tests/test_careless.py.
+The converters, data.py check and export.py: tests/test_careless.py. Last, docs/huggingface.md's full fine-tuning
+run: export writes its users, and the page's code answers as eval.py does.
 """
 import io
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -18,11 +20,14 @@ import torch
 import adapt as A
 import data
 import eval as E
+import export
+import model as lm
 import prlhf
 import runs as R
 import train as T
 from examples import toy as toy_tasks
 from tests.helpers import toy_setup
+from tests.hf_models import redraw_parameters_
 from tests.test_careless import files_under, one_line_error
 
 
@@ -288,3 +293,39 @@ def test_eval_says_its_precision_and_lists_every_file_it_wrote(run, tmp_path, ca
     assert "plots skipped: matplotlib is not installed (pip install matplotlib, then run this command again)" \
         in printed.out
     assert "note: run pdpo scored in fp32: --dtype fp32" in printed.err
+
+
+# ----------------------------------------------------------------------------------------------
+# docs/huggingface.md, "A full fine-tuning run": export writes the users, the page's code answers as eval.py does
+
+
+def test_a_full_run_exports_its_users_and_the_page_answers_as_eval_does(run, tmp_path):
+    """On a copy of the run with every weight and user row redrawn (std 0.2 and 1): a few steps from a random base
+    answer every user alike, and a misplaced row must change the answers."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    full, out = copy_of(run, tmp_path), tmp_path / "hf"
+    lm.save_pretrained(redraw_parameters_(R.load_base(full, torch.float32, "cpu"), 0.2), full)
+    user_model, registry = prlhf.load_user_model(full)
+    prlhf.save_user_model(full, redraw_parameters_(user_model, 1.0), registry)
+    notes = export.export_run(full, out)
+    names = {p.name for p in out.iterdir()}
+    assert {export.USER_EMBEDDINGS, export.USER_ROWS, "tokenizer.json"} <= names and export.ADAPTER_WEIGHTS not in names
+    assert f"{full} is a full fine-tuning run: the model is {full} itself" in notes[0]
+    page = (Path(__file__).resolve().parents[1] / "docs" / "huggingface.md").read_text()
+    first, swap = re.findall(r"```python\n(.*?)```", page, re.S)[:2]
+    paths, model_line = swap.splitlines()[:2]  # the two lines the page swaps in
+    assert paths.startswith("BASE, OUT = ") and model_line.startswith("model = ")
+    code = [f"BASE, OUT = {str(full)!r}, {str(out)!r}" if line.startswith("BASE, OUT = ") else
+            model_line if line.startswith("model = ") else line
+            for line in first.splitlines() if not line.startswith("print(answer(")]
+    page_ns = {}
+    exec("\n".join(code), page_ns)
+    opened = R.open_run(full, torch.float32, "cpu")
+    pairs = [data.Pair(u, "Tell me about the kettle.", "a", "b") for u in ("user_01", "someone unseen")]
+    ours = E.generate_responses(opened.model, opened.user_model, opened.registry, opened.tokenizer,
+                                R.tokenize(opened, pairs), max_new_tokens=12)
+    assert ours[0]["response"] != ours[1]["response"]  # user_01's row is not e_0: the rows matter
+    for pair, mine in zip(pairs, ours):
+        assert mine["response_tokens"] >= 3, mine
+        assert page_ns["answer"](pair.user, pair.prompt, max_new_tokens=12) == mine["response"], pair.user
