@@ -137,7 +137,7 @@ def read_config(path: str | os.PathLike) -> ModelConfig:
     if not file.is_file():
         raise FileNotFoundError(f"{file}: no config.json; expected a Hugging Face checkpoint directory")
     try:
-        hf = json.loads(file.read_text())
+        hf = json.loads(file.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
     try:
@@ -463,7 +463,7 @@ def checkpoint_files(path: Path) -> dict[str, Path]:
 
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = json.loads(index.read_text(encoding="utf-8-sig"))["weight_map"]
         return {name: path / file for name, file in weight_map.items()}
     single = path / "model.safetensors"
     if not single.is_file():

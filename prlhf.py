@@ -96,7 +96,7 @@ class UserRegistry:
     def load(cls, path) -> "UserRegistry":
         path = Path(path)
         try:
-            obj = json.loads(path.read_text())
+            obj = json.loads(path.read_text(encoding="utf-8-sig"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{e.lineno}: not valid JSON ({e.msg})") from None
         if not isinstance(obj, dict) or not isinstance(obj.get("users"), list):
@@ -285,7 +285,7 @@ def load_user_model(directory) -> tuple[nn.Module, UserRegistry]:
                                     f"{', '.join(USER_MODEL_FILES)}")
     file = directory / "user_model.json"
     try:
-        cfg = json.loads(file.read_text())
+        cfg = json.loads(file.read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
     kind = cfg.pop("kind", None)

@@ -208,7 +208,7 @@ def read_tensors(file: Path) -> dict:
 
 def read_json(file: Path):
     try:
-        return json.loads(Path(file).read_text())
+        return json.loads(Path(file).read_text(encoding="utf-8-sig"))
     except json.JSONDecodeError as e:
         raise ValueError(f"{file}:{e.lineno}: not valid JSON ({e.msg})") from None
 

@@ -472,6 +472,12 @@ def test_unknown_model_type_names_the_supported_ones(llama_dir, tmp_path):
         M.load_pretrained(tmp_path / "ckpt")
 
 
+def test_config_json_with_a_byte_order_mark_loads(llama_dir, tmp_path):
+    shutil.copy(llama_dir / "model.safetensors", tmp_path / "model.safetensors")
+    (tmp_path / "config.json").write_bytes(b"\xef\xbb\xbf" + (llama_dir / "config.json").read_bytes())
+    assert M.read_config(tmp_path / "config.json") == M.read_config(llama_dir / "config.json")
+
+
 def test_missing_config_json(llama_dir, tmp_path):
     shutil.copy(llama_dir / "model.safetensors", tmp_path / "model.safetensors")
     with pytest.raises(FileNotFoundError, match="config.json"):

@@ -572,6 +572,17 @@ def test_registry():
     assert registry.rows(["w1", "nobody", 7]).tolist() == [2, 0, 1]
 
 
+def test_saved_json_files_with_a_byte_order_mark_and_crlf_still_load(tmp_path):
+    """users.json and user_model.json edited by hand on Windows (a UTF-8 BOM, CRLF) load as before."""
+    user_model = user_models(16, torch.randn(30, 16), n_user_tokens=2)["individual"]
+    prlhf.save_user_model(tmp_path, user_model, prlhf.UserRegistry.from_users(["a", "b", "c"]))
+    for name in ("users.json", "user_model.json"):
+        text = (tmp_path / name).read_text()
+        (tmp_path / name).write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
+    loaded, registry = prlhf.load_user_model(tmp_path)
+    assert registry.users == ["a", "b", "c"] and torch.equal(loaded.embeddings, user_model.embeddings)
+
+
 @pytest.mark.parametrize("kind", ["uniform-empty", "uniform", "individual", "individual-no-generic", "cluster"])
 def test_save_load_round_trip(tmp_path, kind):
     user_model = user_models(16, torch.randn(30, 16), n_user_tokens=3)[kind]
