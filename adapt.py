@@ -238,6 +238,8 @@ def adapt_curve(run_dir, name: str, fit_pairs: list[data.Pair], held_pairs: list
     """`adapt.py --curve`: adaptation_curve of user `name` (fitted on prefixes of fit_pairs, scored on
     held_pairs; `about` says where they came from). Saves nothing into the user model; writes
     adapt_curve.json (and adapt_curve.png) into the run."""
+    if not held_pairs:  # only examples.toy --curve can ask for none
+        raise ValueError(f"no held-out pairs to score the curve on ({about}): ask for at least one (--held-out >= 1)")
     device = runs.pick_device(device)
     run = open_run(run_dir, torch.float32, device)
     reference_model = load_reference(run_dir, run, reference, torch.float32, device)

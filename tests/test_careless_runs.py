@@ -113,6 +113,16 @@ def test_toy_curve_refuses_bad_steps_and_lr(capsys):
         assert exit_info.value.code == 2 and f"argument {flag}: got {bad!r}" in err, err
 
 
+@pytest.mark.parametrize("held_out", ["0", "-1"])
+def test_toy_curve_with_no_held_out_pairs_is_one_line(run, tmp_path, capsys, held_out):
+    run_dir = copy_of(run, tmp_path)
+    before = files_under(run_dir)
+    err = one_line_error(toy_tasks.main, ["--curve", run_dir, f"--held-out={held_out}", "--steps", "1", "--quiet"],
+                         capsys)
+    assert err.startswith("error: no held-out pairs to score the curve on (toy task") and "--held-out >= 1" in err
+    assert files_under(run_dir) == before
+
+
 def test_valid_values_at_the_edges_are_accepted():
     args = E.parse_evaluate_args([*EVAL, "--temperature", "0", "--top-p", "1", "--max-new-tokens", "1",
                                   "--samples-per-user", "0", "--min-new-tokens", "1", "--repetition-penalty", "0.5"])
