@@ -25,7 +25,7 @@ from tqdm import tqdm
 import data
 import prlhf
 import runs
-from eval import accuracy_table, score_pairs
+from eval import PARTIAL, accuracy_table, replace_files, score_pairs
 from runs import (check_run_dir, common_flags, load_reference, online_reference, open_run, pair_collate, read_data,
                   tokenize)
 from cache import reference_cache
@@ -160,7 +160,7 @@ def adapt_user(run_dir, name: str, data_file, *, out=None, reference: str | None
     `out`, a copy of the run (copy_run), leaving the run as it was.
 
     Saving rewrites user_model.safetensors, user_model.json and users.json; the LM is untouched. All or
-    nothing: everything is read and checked, and the row fitted, before the first write (save_user_files).
+    nothing: everything is read and checked, and the row fitted, before the first write (eval.replace_files).
     Returns the row, the losses' ends, and accuracy on those (training) pairs for e_0 and the new row.
     """
     if steps < 1 or batch_size < 1 or not lr > 0:
@@ -183,23 +183,11 @@ def adapt_user(run_dir, name: str, data_file, *, out=None, reference: str | None
                           batch_size=batch_size, seed=seed, desc=None if quiet else f"fitting {name}")
     after = row_accuracy(run, user_model, row, items, device, reference_fn)
     if out is None:
-        save_user_files(Path(run_dir), user_model, registry)
+        replace_files(Path(run_dir), lambda tmp: prlhf.save_user_model(tmp, user_model, registry))
     else:
         replace_directory(Path(out), lambda tmp: copy_run(Path(run_dir), tmp, user_model, registry))
     return {"user": name, "row": row, "pairs": len(items), "steps": steps, "first_loss": losses[0],
             "last_loss": losses[-1], "generic": before, "adapted": after}
-
-
-def save_user_files(run_dir: Path, user_model, registry: prlhf.UserRegistry):
-    """prlhf.save_user_model into a temporary directory inside the run, then each file renamed over the run's
-    (users.json last): a failure while writing leaves the run's files as they were."""
-    tmp = run_dir / f".adapt.{os.getpid()}.tmp"
-    try:
-        prlhf.save_user_model(tmp, user_model, registry)
-        for name in prlhf.USER_MODEL_FILES:  # user_model.safetensors, user_model.json, users.json
-            os.replace(tmp / name, run_dir / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def check_new_run(out: Path, run_dir: Path):
@@ -227,7 +215,7 @@ def copy_run(run_dir: Path, new: Path, user_model, registry: prlhf.UserRegistry)
                 pass
         return shutil.copy2(source, target)
 
-    shutil.copytree(run_dir, new, ignore=shutil.ignore_patterns("checkpoint", *prlhf.USER_MODEL_FILES, ".adapt.*"),
+    shutil.copytree(run_dir, new, ignore=shutil.ignore_patterns("checkpoint", *prlhf.USER_MODEL_FILES, PARTIAL + "*"),
                     copy_function=link_or_copy, dirs_exist_ok=True)
     prlhf.save_user_model(new, user_model, registry)
 

@@ -30,7 +30,9 @@ import contextlib
 import difflib
 import json
 import math
+import os
 import random
+import shutil
 import sys
 from pathlib import Path
 
@@ -306,6 +308,22 @@ def generate_for_run(run: runs.Run, pairs: list[data.Pair], *, max_new_tokens, t
 
 
 CONSTRAINTS_OFF = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
+PARTIAL = ".prlhf-partial"  # the temporary directory replace_files writes into, inside the directory it fills
+
+
+def replace_files(directory: Path, write) -> list[Path]:
+    """write(tmp) into a temporary directory inside `directory`, then each file it wrote renamed into `directory`,
+    in name order; returns their paths there. A failure while writing leaves `directory` as it was."""
+    tmp = directory / f"{PARTIAL}.{os.getpid()}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in names:
+            os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [directory / name for name in names]
 
 
 def evaluate_runs(run_dirs: list[str], data_file, *, out=None, reference: str | None = None,
@@ -323,7 +341,7 @@ def evaluate_runs(run_dirs: list[str], data_file, *, out=None, reference: str | 
     paths = [runs.check_run_dir(p) for p in run_dirs]  # mistyped paths fail first, before any model is loaded
     pairs = runs.read_data(data_file)
     out = Path(out) if out else paths[0]
-    out.mkdir(parents=True, exist_ok=True)
+    data.check_out_dir(out)
     constraints = {k: v for k, v in dict(repetition_penalty=repetition_penalty, min_new_tokens=min_new_tokens,
                                          no_repeat_ngram_size=no_repeat_ngram_size).items() if v != CONSTRAINTS_OFF[k]}
     generate = dict(pairs=sample_prompts(pairs, samples_per_user, seed), max_new_tokens=max_new_tokens,
@@ -341,14 +359,22 @@ def evaluate_runs(run_dirs: list[str], data_file, *, out=None, reference: str | 
     for r in results.values():
         r["generation"] = {"samples_per_user": samples_per_user, "max_new_tokens": max_new_tokens,
                            "temperature": temperature, "top_p": top_p, "constraints": constraints}
-    runs.atomic_write_json(results, out / "results.json")
-    with open(out / "generations.jsonl", "w") as f:
-        f.writelines(json.dumps(g) + "\n" for gens in generations.values() for g in gens)
-    plots = report.write_plots(results, generations, embeddings, report.user_groups(pairs), out,
-                               training={name: report.read_training(path) for name, path in zip(results, paths)})
-    (out / "report.md").write_text(report.report_markdown(results, data_file, pairs, notes, plots, settings))
+    plots = None
+
+    def write(tmp: Path):  # all or nothing: a failure (in a plot, say) leaves `out` as it was
+        nonlocal plots
+        runs.atomic_write_json(results, tmp / "results.json")
+        with open(tmp / "generations.jsonl", "w") as f:
+            f.writelines(json.dumps(g) + "\n" for gens in generations.values() for g in gens)
+        plots = report.write_plots(results, generations, embeddings, report.user_groups(pairs), tmp,
+                                   training={name: report.read_training(path) for name, path in zip(results, paths)})
+        (tmp / "report.md").write_text(report.report_markdown(results, data_file, pairs, notes, plots, settings))
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = replace_files(out, write)
     report.print_summary(results)
-    report.print_written([out / "report.md", out / "results.json", out / "generations.jsonl"], plots)
+    report.print_written([f for f in written if f.suffix != ".png"], None if plots is None else
+                         [str(f) for f in written if f.suffix == ".png"])
     return results
 
 

@@ -283,6 +283,30 @@ def test_the_run_is_scored_in_the_precision_it_trained_in(tmp_path, monkeypatch,
     assert dtype == expected and (choice is None) == ("--dtype to choose" in why), why
 
 
+def test_eval_failing_half_way_leaves_the_run_byte_identical(run, tmp_path, monkeypatch):
+    """The report goes into the run by default: results.json and generations.jsonl written, then a plot fails."""
+    run_dir = copy_of(run, tmp_path)
+    E.main([str(run_dir), "--data", str(run / "valid.jsonl"), "--samples-per-user", "0", "--quiet"])  # a report
+    before = files_under(run_dir)
+
+    def broken_plots(*args, **kwargs):
+        raise RuntimeError("matplotlib broke, half-way")
+
+    monkeypatch.setattr(E.report, "write_plots", broken_plots)
+    with pytest.raises(RuntimeError, match="half-way"):
+        E.main([str(run_dir), "--data", str(run / "valid.jsonl"), "--samples-per-user", "1", "--max-new-tokens", "2",
+                "--quiet"])
+    assert files_under(run_dir) == before
+
+
+def test_eval_out_that_is_a_file_is_one_line(run, tmp_path, capsys):
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    err = one_line_error(E.main, [run / "pdpo", "--data", run / "valid.jsonl", "--out", taken], capsys)
+    assert err == f"error: {taken}: exists and is not a directory; give a directory to write into"
+    assert taken.read_text() == "mine"
+
+
 def test_eval_says_its_precision_and_lists_every_file_it_wrote(run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "report"
     E.main([str(run / "pdpo"), "--data", str(run / "valid.jsonl"), "--out", str(out), "--samples-per-user", "1",
