@@ -235,9 +235,13 @@ def adapt_curve(run_dir, name: str, fit_pairs: list[data.Pair], held_pairs: list
                               seed=seed, quiet=quiet)
     result = {"user": name, "data": about, "steps": steps, "lr": lr, "held_out_pairs": len(held_pairs),
               "curve": points}
-    runs.atomic_write_json(result, Path(run_dir) / "adapt_curve.json")
-    plotted = plot_curve(points, name, Path(run_dir) / "adapt_curve.png")
-    return result | {"plotted": plotted}
+
+    def write(tmp: Path):  # both files or neither
+        runs.atomic_write_json(result, tmp / "adapt_curve.json")
+        plot_curve(points, name, tmp / "adapt_curve.png")
+
+    written = replace_files(Path(run_dir), write)
+    return result | {"plotted": Path(run_dir) / "adapt_curve.png" in written}
 
 
 def print_curve(result: dict, run_dir):

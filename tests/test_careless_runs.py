@@ -169,6 +169,20 @@ def test_adapt_failing_half_way_leaves_the_run_byte_identical(run, tmp_path, mon
     assert files_under(run_dir) == before
 
 
+def test_adapt_curve_failing_half_way_leaves_the_run_byte_identical(run, tmp_path, monkeypatch):
+    run_dir = copy_of(run, tmp_path)
+    before = files_under(run_dir)
+
+    def broken_plot(points, name, file):
+        file.write_bytes(b"half a png")
+        raise RuntimeError("matplotlib broke, half-way")
+
+    monkeypatch.setattr(A, "plot_curve", broken_plot)
+    with pytest.raises(RuntimeError, match="half-way"):
+        A.main(adapt_argv(run, run_dir, "--curve"))
+    assert files_under(run_dir) == before
+
+
 def test_adapt_steps_zero_is_refused_before_any_write(run, tmp_path, capsys):
     run_dir = copy_of(run, tmp_path)
     before = files_under(run_dir)
