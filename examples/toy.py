@@ -12,7 +12,6 @@ a run's answers sorted into the kinds, the command line.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import random
 import re
@@ -241,8 +240,9 @@ def toy_curve(run_dir, name: str = "toy_new_user", held_out: int = 40, seed: int
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description="Write a built-in toy task's train.jsonl and valid.jsonl; or, with "
-                                "--curve RUN_DIR, adapt a fresh toy user to a run from 1, 4, 16 and 64 pairs.")
+    p = data.ArgumentParser(prog="python -m examples.toy", description="Write a built-in toy task's train.jsonl and "
+                            "valid.jsonl; or, with --curve RUN_DIR, adapt a fresh toy user to a run from 1, 4, 16 and "
+                            "64 pairs.")
     p.add_argument("--out", help="output directory (required unless --curve)")
     p.add_argument("--task", choices=list(TOY_TASKS), default="length")
     p.add_argument("--new-user", metavar="NAME", help="instead: 16 pairs (and 40 held out) of one new user who "
@@ -250,7 +250,9 @@ def main(argv=None) -> int:
     p.add_argument("--curve", metavar="RUN_DIR", help="held-out accuracy of a fresh toy user (--user, default "
                    "toy_new_user) after 1, 4, 16, 64 pairs, against e_0; writes RUN_DIR/adapt_curve.json")
     p.add_argument("--user", default="toy_new_user", help="the fresh user's name, with --curve")
-    p.add_argument("--held-out", type=int, default=40, help="held-out pairs of the toy user (default: %(default)s)")
+    held_out = data.Number(int, 1)
+    p.add_argument("--held-out", type=held_out, default=40,
+                   help=f"held-out pairs of the toy user, {held_out} (default: %(default)s)")
     adapt.curve_flags(p)
     runs.common_flags(p)
     args = p.parse_args(argv)
