@@ -22,7 +22,7 @@ The user rows are the soft prompt of PAPER.md, "Personalized LM": [BOS] [e_u] [u
 References (read, not copied): PEFT's LoRA layers and their saved form (huggingface/peft, `tuners/lora/layer.py`:
 Linear keeps lora_A (r, in) and lora_B (out, r), Embedding keeps lora_embedding_A (r, vocab) and
 lora_embedding_B (d, r), both scaled by lora_alpha / r without use_rslora; `utils/save_and_load.py`: keys are the
-module's name under "base_model.model." with the adapter name dropped). Our LoRA (runs.py) stores the same
+module's name under "base_model.model." with the adapter name dropped). Our LoRA (lora.py) stores the same
 shapes with the same scale, so the export renames tensors and transposes none.
 
 Reading order: names, adapters, user embeddings, the run, the command line.
@@ -88,7 +88,7 @@ def peft_adapters(adapters: dict, cfg: lm.ModelConfig, source: Path) -> tuple[di
 
 
 def adapter_config(args: dict, targets: list[str]) -> dict:
-    """adapter_config.json: plain LoRA, scale lora_alpha / r (use_rslora off), as runs.LoRALinear computes.
+    """adapter_config.json: plain LoRA, scale lora_alpha / r (use_rslora off), as lora.LoRALinear computes.
     lora_dropout is what training used; PEFT, like us, drops nothing in eval mode."""
     return dict(peft_type="LORA", task_type="CAUSAL_LM", base_model_name_or_path=str(args["model"]),
                 r=args["lora_r"], lora_alpha=args["lora_alpha"], lora_dropout=args["lora_dropout"],

@@ -2,7 +2,7 @@
 
 Our own loop, written top to bottom (no trainer framework), as in nanoGPT's train.py:
 mixed precision (bf16 autocast, fp16 with loss scaling on CUDA), gradient checkpointing, gradient
-accumulation, AdamW, linear warm-up then cosine decay, gradient clipping, LoRA (runs.py), atomic
+accumulation, AdamW, linear warm-up then cosine decay, gradient clipping, LoRA (lora.py), atomic
 checkpoints with `--resume`, and a tqdm bar. The objectives live in prlhf.py (PAPER.md "P-DPO
 objective", "Personalized reward model"), scoring and generation in eval.py, run directories in
 runs.py; this file feeds them batches.
@@ -40,6 +40,7 @@ import eval as evaluation
 import model as lm
 import prlhf
 import report
+import lora
 import runs
 from prlhf import option
 
@@ -269,8 +270,8 @@ def make_reference(cfg, model, tokenizer, train_items, valid_items, collate, aut
     where a later run with the same inputs (cache.reference_fingerprint) finds them: the P-DPO arm after
     the vanilla DPO arm from the same SFT model and data, say.
     """
-    if runs.lora_modules(model):
-        reference_model = lambda: runs.lora_disabled(model)  # noqa: E731
+    if lora.lora_modules(model):
+        reference_model = lambda: lora.lora_disabled(model)  # noqa: E731
     elif cfg.precompute_reference:  # used only below, before the first step changes the model
         reference_model = lambda: contextlib.nullcontext(model)  # noqa: E731
     else:
@@ -371,11 +372,12 @@ def check_inputs(cfg: TrainConfig, dist):
 
 def load_models(cfg: TrainConfig, train_pairs, device: str):
     """The LM (full, or frozen with LoRA adapters), the user model f_P and registry, a reward head."""
-    lora = cfg.lora_r > 0
-    base_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32) if lora else torch.float32
+    adapters = cfg.lora_r > 0
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.precision, torch.float32)
+    base_dtype = half if adapters else torch.float32  # LoRA: the frozen base in the half precision
     model = runs.load_base(cfg.model, base_dtype, device)
-    if lora:
-        runs.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","))
+    if adapters:
+        lora.add_lora(model, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_targets.split(","))
     user_model = registry = head = None
     if cfg.stage != "sft":
         registry = prlhf.UserRegistry.from_users(p.user for p in train_pairs)

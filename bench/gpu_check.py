@@ -7,7 +7,7 @@ against the plan, speed. On a CUDA machine in a few minutes; without CUDA it say
 1. training: `--steps` optimizer steps of exact P-DPO (individual user model, T_u = 1, alpha 0.5) with LoRA
    r 8 on train.py's default targets and gradient checkpointing, once under bf16 autocast with a bf16 base,
    once under fp16 autocast with an fp16 base and GradScaler. The step is written here from the library
-   pieces train.py is built on (prlhf.pdpo_step, runs.add_lora, torch.autocast, torch.amp.GradScaler,
+   pieces train.py is built on (prlhf.pdpo_step, lora.add_lora, torch.autocast, torch.amp.GradScaler,
    torch.optim.AdamW; bench/ never imports train.py) on synthetic pairs collated by data.collate_pairs, every
    row max_length tokens; reference log-probs computed once before the steps, adapters off, as train.py does.
    Passes when every loss is finite and the adapters moved (GradScaler did not skip every step).
@@ -44,8 +44,8 @@ import memory_plan as MP
 
 import data  # the project's modules, at the root (common puts it on sys.path)
 import model as lm
+import lora
 import prlhf
-import runs
 
 CONFIG_1B = C.ROOT / "bench" / "configs" / "tinyllama-1.1b.json"
 # dense (no sparsity) bf16/fp16 tensor-core peaks, TFLOP/s, from NVIDIA's data sheets; first match wins
@@ -115,7 +115,7 @@ def train_steps(cfg: lm.ModelConfig, precision: str, args, device: str) -> dict:
     pcfg = prlhf.PDPOConfig(user_model="individual", n_user_tokens=1, alpha=0.5)  # exact P-DPO, eq. (pdpo)
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
     model = lm.build_model(cfg, dtype=dtype, device=device)
-    runs.add_lora(model, args.lora_r, LORA_ALPHA, LORA_DROPOUT, MP.LORA_TARGETS.split(","))
+    lora.add_lora(model, args.lora_r, LORA_ALPHA, LORA_DROPOUT, MP.LORA_TARGETS.split(","))
     model.set_grad_checkpointing(True)
     user_model = pcfg.make_user_model(N_USERS, model.tok_embeddings.weight, seed=0).to(device)
     adapters = [p for p in model.parameters() if p.requires_grad]
@@ -126,7 +126,7 @@ def train_steps(cfg: lm.ModelConfig, precision: str, args, device: str) -> dict:
     autocast = torch.autocast(device_type=device.split(":")[0], dtype=dtype)
     batches = [synthetic_batch(cfg, args.batch, args.max_length, device, seed) for seed in range(args.steps)]
     model.eval()
-    with torch.no_grad(), runs.lora_disabled(model), autocast:  # pi_ref, precomputed as train.py does
+    with torch.no_grad(), lora.lora_disabled(model), autocast:  # pi_ref, precomputed as train.py does
         references = [prlhf.reference_logps(model, b) for b in batches]
     model.train()
     losses, seconds = [], []
@@ -142,7 +142,7 @@ def train_steps(cfg: lm.ModelConfig, precision: str, args, device: str) -> dict:
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())
         seconds.append(C.timed(step, device))
-    moved = any(m.lora_B.abs().sum().item() > 0 for m in runs.lora_modules(model) if isinstance(m, runs.LoRALinear))
+    moved = any(m.lora_B.abs().sum().item() > 0 for m in lora.lora_modules(model) if isinstance(m, lora.LoRALinear))
     out = {"losses": [round(x, 4) for x in losses], "step_s": seconds, "adapters_moved": moved,
            "ok": all(math.isfinite(x) for x in losses) and moved,
            "peak_bytes": torch.cuda.max_memory_allocated() if device.startswith("cuda") else None}

@@ -5,7 +5,7 @@
     python bench/memory_plan.py --validate          # the estimator against measured saved tensors and peaks (CPU)
 
 The model is built on the meta device (model.read_config + Transformer under torch.device("meta"); LoRA
-through runs.add_lora), so parameters are counted exactly and nothing is allocated. The budget follows
+through lora.add_lora), so parameters are counted exactly and nothing is allocated. The budget follows
 train.py's conventions:
   full fine-tuning, --precision bf16: fp32 weights (they are the master weights), bf16 autocast; the bf16
       copies autocast makes of every Linear weight are kept by autograd for the backward pass (2 bytes per
@@ -56,7 +56,7 @@ class Params:
 
 
 def count_parameters(cfg: lm.ModelConfig, lora_r: int, n_users: int, n_user_tokens: int) -> Params:
-    import runs
+    from lora import add_lora
 
     with torch.device("meta"):
         model = lm.Transformer(cfg)
@@ -64,7 +64,7 @@ def count_parameters(cfg: lm.ModelConfig, lora_r: int, n_users: int, n_user_toke
         linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
         lora = 0
         if lora_r:
-            runs.add_lora(model, lora_r, 16.0, 0.05, LORA_TARGETS.split(","))
+            add_lora(model, lora_r, 16.0, 0.05, LORA_TARGETS.split(","))
             lora = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     user = (n_users + 1) * n_user_tokens * cfg.hidden_size  # individual user model: e_0 and o_1..o_N
     return Params(total, linear, lora, user)
@@ -221,12 +221,12 @@ def measure_saved_bytes(cfg: lm.ModelConfig, mode: str, *, batch: int, seq: int,
                         grad_checkpointing: bool, lora_r: int = 8, lora_dropout: float = 0.05) -> tuple[float, dict]:
     """Bytes of distinct tensors autograd saves during one P-DPO policy forward (parameters excluded)."""
     import prlhf
-    import runs
+    from lora import add_lora
 
     torch.manual_seed(0)
     model = lm.build_model(cfg, dtype=torch.bfloat16 if mode == "lora" else torch.float32)
     if mode == "lora":
-        runs.add_lora(model, lora_r, 16.0, lora_dropout, LORA_TARGETS.split(","))
+        add_lora(model, lora_r, 16.0, lora_dropout, LORA_TARGETS.split(","))
     model.set_grad_checkpointing(grad_checkpointing)
     model.train()
     user_model = prlhf.make_user_model("individual", 4, n_user_tokens, cfg.hidden_size, init="uniform")

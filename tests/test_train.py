@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import model as lm
+import lora
 import runs
 import train as T
 from tests.helpers import toy_setup, train_interrupted_at
@@ -38,19 +39,19 @@ def test_lora_merged_equals_unmerged(toy, tmp_path):
     model = lm.load_pretrained(toy / "base")
     ids = torch.randint(3, model.config.vocab_size, (2, 9))
     before = model(ids)
-    runs.add_lora(model, r=4, alpha=8, dropout=0.0, targets=["wq", "wv", "w2", "tok_embeddings"])
+    lora.add_lora(model, r=4, alpha=8, dropout=0.0, targets=["wq", "wv", "w2", "tok_embeddings"])
     torch.manual_seed(1)
-    for m in runs.lora_modules(model):  # adapters away from their zero start
+    for m in lora.lora_modules(model):  # adapters away from their zero start
         torch.nn.init.normal_(m.lora_A, std=0.1)
         torch.nn.init.normal_(m.lora_B, std=0.1)
     with torch.no_grad():
         unmerged = model(ids)
-        with runs.lora_disabled(model):
+        with lora.lora_disabled(model):
             assert torch.allclose(model(ids), before, atol=1e-6)  # adapters off = the base model
         assert (unmerged - before).abs().max() > 1e-3  # the adapters do something
-        merged = runs.merge_lora(model)(ids)
+        merged = lora.merge_lora(model)(ids)
     assert model.config.tie_word_embeddings  # so tok_embeddings was left without an adapter
-    assert not runs.lora_modules(model)
+    assert not lora.lora_modules(model)
     assert torch.allclose(merged, unmerged, atol=1e-5), (merged - unmerged).abs().max()
 
 
