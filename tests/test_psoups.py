@@ -63,17 +63,21 @@ def test_preference_pairs_follow_the_judge_and_the_shares():
     answers["P2A"][questions[0]] = {"text": "It has a long history. " * 6, "finished": True}  # a near-tie with P2B
     who = psoups.users_of("profiles")
     pairs, ties = psoups.preference_pairs(questions, answers, who, seed=0, balanced=False, share=0.7)
-    assert sum(ties.values()) in (1, 2) and ties["P2A"] == 1  # P2B's user judged it too, or not
+    answers["P1A"][questions[1]] = {"text": "No sentence end here", "finished": False}  # whole sentences: ""
+    assert psoups.pair_text(answers["P1A"][questions[1]]) == ""
+    pairs, ties = psoups.preference_pairs(questions, answers, who, seed=0, balanced=False, share=0.7)
+    assert ties["P2A"] == 1 and ties["P1A"] == 1 and sum(ties.values()) <= 4  # B poles judged them too, or not
     counts = {p: sum(x.group == p for x in pairs) + ties[p] for p in judge.PROFILES}
     for a, b in psoups.DIMENSION_POLES.values():  # the A pole judges every prompt, the B pole about 3 in 7
         assert counts[a] == 200 and 200 * 3 / 7 - 20 <= counts[b] <= 200 * 3 / 7 + 20
     for x in pairs:  # each user chose their own pole's answer, for the question alone (no hint)
         assert x.user == f"u-{x.group}" and x.chosen == HINT_ANSWERS[x.group]
         assert x.prompt in {psoups.chatml(q) for q in questions}
-    valid, _ = psoups.preference_pairs(questions[1:3], answers, who, seed=0, balanced=True)
+    valid, _ = psoups.preference_pairs(questions[2:4], answers, who, seed=0, balanced=True)
     assert len(valid) == 2 * 6 and {x.user for x in valid} == set(who)
-    assert psoups.judge_agreement(questions, answers)["P2"] == {"agree": 199, "disagree": 0, "near_tie": 1,
-                                                                "agreement": 1.0}
+    agreement = psoups.judge_agreement(questions, answers)
+    assert agreement["P2"] == {"agree": 199, "disagree": 0, "near_tie": 1, "empty": 0, "agreement": 1.0}
+    assert agreement["P1"] == {"agree": 199, "disagree": 0, "near_tie": 0, "empty": 1, "agreement": 1.0}
 
 
 def test_psoups_end_to_end_in_small(tmp_path, monkeypatch, capsys):
