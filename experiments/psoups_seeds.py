@@ -26,10 +26,9 @@ MINORITY = ("P1B", "P2B", "P3B")
 def check(r: dict, users: str) -> dict:
     """The issue's targets for one run."""
     wins = [w["dpo"][p] for u, w in r["win_rates"].items() for p in r["users"][u]]
-    quality = {arm: r["answers"][arm] for arm in r["answers"]}
-    def worst(arm, k):
-        return max(x[k] for x in quality[arm].values())
-    clean = all(worst(a, k) <= worst("instruct", k) for a in quality for k in ("empty", "repeated_3gram"))
+    def share(arm, k):  # over all of the arm's answers (every user answers every held-out question)
+        return sum(x[k] for x in r["answers"][arm].values()) / len(r["answers"][arm])
+    clean = all(share(a, k) <= share("instruct", k) for a in r["answers"] for k in ("empty", "repeated_3gram"))
     if users == "composite":
         return {"win_vs_dpo_mean_0.6": sum(wins) / len(wins) >= 0.6, "no_arm_worse_than_instruct": clean}
     groups = r["pdpo"]["groups"]
@@ -68,7 +67,7 @@ def main(argv=None):
             print(f"seed {seed} {r['precision']} {user:<16} acc {r['pdpo']['groups'][group]['accuracy']:.3f} "
                   f"({r['dpo']['groups'][group]['accuracy']:.3f})  " + "  ".join(
                       f"{p} {w['dpo'][p]:.2f} / {w['prompting'][p]:.2f} / {w['instruct'][p]:.2f}" for p in poles))
-        print(f"seed {seed}: {r['seconds']['total']:.0f} s; " + ", ".join(
+        print(f"seed {seed}: {r['seconds']['total']:.0f} s (training included if it ran in that call); " + ", ".join(
             f"{k} {'yes' if v else 'NO'}" for k, v in checks[seed].items()))
     met = {k: sum(c[k] for c in checks.values()) for k in next(iter(checks.values()))}
     print("targets met on seeds: " + ", ".join(f"{k} {n} of {len(checks)}" for k, n in met.items()))

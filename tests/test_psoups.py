@@ -5,6 +5,8 @@ the experiment end to end on a tiny random LLaMA whose "sampled" answers are wri
 (so the pairs, their labels and the arms' bookkeeping are known), in a few seconds.
 """
 import json
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -116,6 +118,18 @@ def test_psoups_end_to_end_in_small(tmp_path, monkeypatch, capsys):
     assert answers.stat().st_mtime_ns == before
     assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in r.items() if k != "seconds"}
     assert "win vs dpo" in capsys.readouterr().out
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import psoups_seeds
+
+    (tmp_path / "seeds").mkdir()
+    (tmp_path / "seeds" / "seed-0").symlink_to(out)  # the run above, read as seed 0: nothing trains again
+    _, checks = psoups_seeds.main(["--seeds", "0", "--workdir", str(tmp_path / "seeds")])
+    wins = [r["win_rates"][f"u-{p}"]["dpo"][p] for p in judge.PROFILES]
+    assert checks[0]["win_vs_dpo_0.7_mean"] == (sum(wins) / 6 >= 0.7)
+    assert checks[0]["pdpo_accuracy_0.8"] == all(g["accuracy"] >= 0.8 for g in r["pdpo"]["groups"].values())
+    assert checks[0]["dpo_minority_0.5"] == all(r["dpo"]["groups"][p]["accuracy"] <= 0.5 for p in ("P1B", "P2B", "P3B"))
+    assert "targets met on seeds" in capsys.readouterr().out
 
 
 def test_bad_eval_prompts_file_is_one_line(tmp_path, capsys):
