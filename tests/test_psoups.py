@@ -139,3 +139,35 @@ def test_bad_eval_prompts_file_is_one_line(tmp_path, capsys):
         psoups.read_eval_prompts(str(bad))
     assert e.value.code != 0
     assert "--eval-prompts" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("users", ["composite", "user-info"])
+def test_other_configurations_end_to_end_in_small(users, tmp_path, monkeypatch):
+    """--users composite (8 users, one pole per dimension, pairs on all three) and --users user-info (implicit,
+    explicit, both; seen and unseen users with informative and vague lines) on the tiny random LLaMA."""
+    d = toy_setup(tmp_path, pairs_per_user=1, n_valid_per_user=1, n_unseen_users=0)
+    small = {**psoups.PSOUPS, "train_prompts": 4, "valid_prompts": 2, "max_new_tokens": 4,
+             "train": {**psoups.PSOUPS["train"], "max_steps": 1, "batch_size": 4}}
+    monkeypatch.setattr(psoups, "PSOUPS", small)
+    questions = psoups.make_questions(6)
+    combos = {"-".join(c): HINT_ANSWERS["P3A"] for c in psoups.users_of("composite").values()}
+    cache = {h: {q: {"text": t, "finished": True} for q in questions} for h, t in {**HINT_ANSWERS, **combos}.items()}
+    (tmp_path / "answers.json").write_text(json.dumps(cache))
+    r = psoups.psoups_demo(out=str(tmp_path / "psoups"), quiet=True, model_dir=str(d / "base"), precision="fp32",
+                           users=users, answers=str(tmp_path / "answers.json"))
+    valid = data.read_pairs(tmp_path / "psoups" / users / "data" / "valid.jsonl")
+    if users == "composite":
+        assert len(r["users"]) == 8 and len(valid) == 2 * 8 * 3  # every user judges every dimension
+        assert set(r["pdpo"]["groups"]) == {u[2:] for u in r["users"]}
+        assert all(set(w["dpo"]) == set(r["users"][u]) for u, w in r["win_rates"].items())  # one rate per pole
+    else:
+        assert {"dpo", "implicit", "explicit", "both"} <= set(r) and "win_rates" not in r
+        groups = set(r["both"]["groups"])
+        assert groups == {f"{s}-{how}-{p}" for s in ("seen", "unseen") for how in ("informative", "vague")
+                          for p in judge.PROFILES}
+        texts = {p.user: p.user_text for p in valid}
+        assert texts["u-P1A-informative"] == psoups.DESCRIPTIONS["P1A"][0]
+        assert texts["new-P1A-informative"] == psoups.DESCRIPTIONS["P1A"][1]
+        assert texts["new-P1A-vague"] in psoups.VAGUE
+        args = json.loads((tmp_path / "psoups" / users / "explicit" / "args.json").read_text())
+        assert args["user_info"] == "explicit" and args["user_model"] == "uniform"
