@@ -601,6 +601,8 @@ class PDPOConfig:
                              f"T_u must be >= 0 and K >= 1")
         if not 0 <= self.alpha <= 1:
             raise ValueError(f"--alpha {self.alpha}: the weight of the personalized term must lie in [0, 1]")
+        if not (self.user_init_range > 0 and math.isfinite(self.user_init_range)):
+            raise ValueError(f"--user-init-range {self.user_init_range}: r must be a positive number")
         if not 0 <= self.generic_delay < 1:
             raise ValueError(f"--generic-delay {self.generic_delay}: a fraction of training in [0, 1)")
         if not (self.beta > 0 and math.isfinite(self.beta)):

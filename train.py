@@ -71,6 +71,15 @@ def recipe_help() -> str:
                      for name, stages in RECIPES.items())
 
 
+# The range of each numeric flag of TrainConfig: (low, high or None, low itself refused). PDPOConfig checks its own.
+FLAG_RANGES = {"lr": (0, None, True), "user_lr": (0, None, False), "weight_decay": (0, None, False),
+               "warmup_steps": (0, None, False), "epochs": (0, None, True), "max_steps": (0, None, False),
+               "batch_size": (1, None, False), "grad_accum": (1, None, False), "grad_clip": (0, None, False),
+               "max_length": (2, None, False), "max_prompt_length": (1, None, False), "lora_r": (0, None, False),
+               "lora_alpha": (0, None, True), "lora_dropout": (0, 1, False), "seed": (0, None, False),
+               "eval_every": (0, None, False), "save_every": (0, None, False), "log_every": (1, None, False)}
+
+
 @dataclass
 class TrainConfig(prlhf.PDPOConfig):
     stage: str = option("pdpo", "sft: next-token loss on responses; pdpo: P-DPO family; prm: personalized reward model",
@@ -142,12 +151,11 @@ class TrainConfig(prlhf.PDPOConfig):
                               ("sft_on", ("chosen", "both")), ("parallel", distributed.PARALLEL)):
             if getattr(self, name) not in choices:
                 raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: expected one of {', '.join(choices)}")
-        for name in ("batch_size", "grad_accum", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)}: must be at least 1")
-        if not (self.lr > 0 and self.epochs > 0 and self.lora_r >= 0 and self.max_steps >= 0):
-            raise ValueError(f"--lr {self.lr} --epochs {self.epochs} --lora-r {self.lora_r} --max-steps "
-                             f"{self.max_steps}: the first two must be > 0, the last two >= 0")
+        for name, (low, high, above) in FLAG_RANGES.items():  # every numeric flag, where it is parsed
+            value = getattr(self, name)
+            if not (math.isfinite(value) and (value > low if above else value >= low) and (high is None or value <= high)):
+                bound = f"{'>' if above else '>='} {low}" + ("" if high is None else f" and <= {high}")
+                raise ValueError(f"--{name.replace('_', '-')} {value}: must be a number {bound}")
         if self.max_prompt_length >= self.max_length - 1:
             raise ValueError(f"--max-prompt-length {self.max_prompt_length} must be below --max-length - 1 "
                              f"({self.max_length - 1}), or no response token would fit")

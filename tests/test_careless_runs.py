@@ -7,6 +7,7 @@ wrote, a user it does not know and the closest known ones, a prompt that was not
 The converters, data.py check and export.py: tests/test_careless.py. Last, docs/huggingface.md's full fine-tuning
 run: export writes its users, and the page's code answers as eval.py does.
 """
+import dataclasses
 import io
 import json
 import os
@@ -374,3 +375,31 @@ def test_a_full_run_exports_its_users_and_the_page_answers_as_eval_does(run, tmp
     for pair, mine in zip(pairs, ours):
         assert mine["response_tokens"] >= 3, mine
         assert page_ns["answer"](pair.user, pair.prompt, max_new_tokens=12) == mine["response"], pair.user
+
+
+# ----------------------------------------------------------------------------------------------
+# train.py: every numeric flag checked where parsed (TrainConfig.FLAG_RANGES and PDPOConfig's own checks)
+
+TRAIN_BAD = [("--lr", "-1"), ("--lr", "0"), ("--lr", "nan"), ("--user-lr", "-1"), ("--weight-decay", "-0.1"),
+             ("--warmup-steps", "-5"), ("--epochs", "0"), ("--epochs", "inf"), ("--max-steps", "-3"),
+             ("--batch-size", "0"), ("--grad-accum", "0"), ("--grad-clip", "-1"), ("--max-length", "0"),
+             ("--max-prompt-length", "0"), ("--lora-r", "-1"), ("--lora-alpha", "0"), ("--lora-dropout", "1.5"),
+             ("--seed", "-1"), ("--eval-every", "-1"), ("--save-every", "-2"), ("--log-every", "0"),
+             ("--user-init-range", "-1"), ("--user-init-range", "nan"), ("--alpha", "nan"), ("--beta", "inf"),
+             ("--n-user-tokens", "-1"), ("--generic-delay", "nan"), ("--nll-weight", "-1"), ("--label-smoothing", "0.7")]
+
+
+@pytest.mark.parametrize("flag, bad", TRAIN_BAD)
+def test_train_refuses_a_bad_value_in_one_line_naming_the_flag(flag, bad, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        T.main(["--model", str(tmp_path), "--data", str(tmp_path / "x.jsonl"), "--out", str(tmp_path / "run"),
+                f"{flag}={bad}"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith(f"error: {flag} "), err
+    assert not (tmp_path / "run").exists()  # refused before anything is written
+
+
+def test_every_numeric_train_flag_has_a_range():
+    numeric = {f.name for f in dataclasses.fields(T.TrainConfig) if type(f.default) in (int, float)}
+    own = numeric - {f.name for f in dataclasses.fields(prlhf.PDPOConfig)}
+    assert own == set(T.FLAG_RANGES), own ^ set(T.FLAG_RANGES)
