@@ -90,14 +90,13 @@ def make_questions(n: int) -> list[str]:
 # ----------------------------------------------------------------------------------------------------
 
 # What the CPU budget (under 30 minutes on 2 cores for the profiles configuration) allows, and why:
-# - answers: greedy with no repeated token 3-gram, at most 96 new tokens (the 135M model's own greedy text
-#   loops), at most 64 new tokens; a training answer cut by the limit keeps its whole sentences; every arm
-#   answers the same way;
+# - answers: greedy with no repeated token 3-gram (the 135M model's own greedy text loops), at most 64 new
+#   tokens; a training answer cut by the limit keeps its whole sentences; every arm answers the same way;
 # - each training prompt gives one pair per dimension (the A-pole and the B-pole hint's answers), judged by an
 #   A-pole user and, 3 times in 7, a B-pole user too (70/30); each held-out prompt by every user of each;
 # - LoRA and P-DPO as in the length example (examples/smollm2.py SMOLLM2, docs/experiments/smollm2.md), but
-#   one epoch, not two: a step of 8 pairs took ~25 s on the shared 2-core CPU of 2026-12-08 (45 steps an arm);
-#   the figures of each recipe tried: docs/experiments/psoups.md.
+#   one epoch, not two: a step of 8 pairs took 6-25 s on the shared 2-core CPU of 2026-12-08 (45 steps an
+#   arm); two epochs, tried on one seed, helped P3A only (docs/experiments/psoups.md, 2026-12-08).
 PSOUPS = dict(
     train_prompts=100, valid_prompts=36, share=0.7, max_new_tokens=64, no_repeat_ngram_size=3,
     train=dict(stage="pdpo", lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lr=1e-3, user_lr=0.01, beta=0.5,
@@ -324,8 +323,8 @@ def read_eval_prompts(path: str) -> list[str]:
 def arm_answers(run_dir: Path, who: dict, questions: list[str], dtype, quiet: bool) -> list[dict]:
     """The trained arm's greedy answer to every question as every known user (decoded as the samples were)."""
     run = runs.load_run(run_dir, dtype=dtype)
-    asks = [Pair(user=u, prompt=chatml(q), chosen="-", rejected="+", group="-".join(poles),
-                 user_text=None) for u, poles in who.items() for q in questions]
+    asks = [Pair(user=u, prompt=chatml(q), chosen="-", rejected="+", group="-".join(poles))  # responses unused
+            for u, poles in who.items() for q in questions]
     items, _ = data.tokenize_pairs(asks, run.tokenizer, 1024, 1000)
     with torch.no_grad():
         gens = evaluation.generate_responses(run.model, run.user_model, run.registry, run.tokenizer, items,
