@@ -302,7 +302,8 @@ def psoups_demo(out: str = "runs/psoups", seed: int = 0, quiet: bool = False, mo
         results["answers"] = {arm: answer_table(gens[arm], who, valid_q) for arm in gens}
         results["win_rates"] = win_rates(gens, who, valid_q)
         if extra:
-            results["eval_prompts"] = {"prompts": len(extra), "win_rates": win_rates(gens, who, extra)}
+            results["eval_prompts"] = {"prompts": len(extra), "win_rates": win_rates(gens, who, extra),
+                                       "answers": {arm: answer_table(gens[arm], who, extra) for arm in gens}}
     results["seconds"] = {**seconds, "total": time.perf_counter() - t0}
     runs.atomic_write_json(results, cfg_dir / "results.json")
     print_psoups_table(results)
@@ -380,6 +381,11 @@ def print_psoups_table(results: dict):
             print(f"{user:<16}{p:<6}" + "".join(f"{results['answers'][a][user]['scores'][p]:>11.2f}" for a in arms)
                   + f"{w['dpo'][p]:>12.2f}{w['prompting'][p]:>11.2f}{w['instruct'][p]:>13.2f}")
     print("(scores: P1 reading grade, P2 words, P3 VADER sentiment; win: P-DPO better on the pole, a tie half)")
+    if "eval_prompts" in results:
+        e = results["eval_prompts"]
+        print(f"--eval-prompts ({e['prompts']} prompts), P-DPO's win rate vs dpo / prompting / instruct: " + ", ".join(
+            f"{p} {w['dpo'][p]:.2f} / {w['prompting'][p]:.2f} / {w['instruct'][p]:.2f}"
+            for w, poles in ((e["win_rates"][u], ps) for u, ps in results["users"].items()) for p in poles))
     print(f"\n{'arm':<12}{'empty':>7}{'repeated 3-gram':>17}{'distinct-2':>12}")
     for a in arms:
         texts = [x for x in results["answers"][a].values()]

@@ -171,3 +171,26 @@ def test_other_configurations_end_to_end_in_small(users, tmp_path, monkeypatch):
         assert texts["new-P1A-vague"] in psoups.VAGUE
         args = json.loads((tmp_path / "psoups" / users / "explicit" / "args.json").read_text())
         assert args["user_info"] == "explicit" and args["user_model"] == "uniform"
+
+
+def test_eval_prompts_are_answered_and_judged(tmp_path, monkeypatch, capsys):
+    """--eval-prompts FILE: each known user's answers to those prompts, win rates on them (not trained on)."""
+    d = toy_setup(tmp_path, pairs_per_user=1, n_valid_per_user=1, n_unseen_users=0)
+    small = {**psoups.PSOUPS, "train_prompts": 4, "valid_prompts": 2, "max_new_tokens": 4,
+             "train": {**psoups.PSOUPS["train"], "max_steps": 1, "batch_size": 4}}
+    monkeypatch.setattr(psoups, "PSOUPS", small)
+    extra = ["List three protocols of the TCP/IP model.", "Why is the sky blue?"]
+    (tmp_path / "prompts.json").write_text(json.dumps([{"prompt": q} for q in extra]))
+    questions = psoups.make_questions(6) + extra
+    cache = {h: {q: {"text": t, "finished": True} for q in questions} for h, t in HINT_ANSWERS.items()}
+    (tmp_path / "answers.json").write_text(json.dumps(cache))
+    r = psoups.psoups_demo(out=str(tmp_path / "psoups"), quiet=True, model_dir=str(d / "base"), precision="fp32",
+                           eval_prompts=str(tmp_path / "prompts.json"), answers=str(tmp_path / "answers.json"))
+    assert r["eval_prompts"]["prompts"] == 2 and set(r["eval_prompts"]["win_rates"]) == set(r["users"])
+    gens = [json.loads(line) for line in open(tmp_path / "psoups" / "profiles" / "pdpo" / "generations.jsonl")]
+    assert len(gens) == 6 * 2  # generations.jsonl keeps the held-out questions only
+    # the cached prompting answer to an extra prompt is the expert one: nothing a tiny model says reads harder
+    assert r["eval_prompts"]["win_rates"]["u-P1B"]["prompting"]["P1B"] < 0.5
+    assert r["eval_prompts"]["answers"]["prompting"]["u-P2A"]["answers"][0] == {"question": extra[0],
+                                                                               "response": HINT_ANSWERS["P2A"]}
+    assert "--eval-prompts (2 prompts)" in capsys.readouterr().out
