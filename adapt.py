@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+import cli
 import data
 import prlhf
 import runs
-from eval import PARTIAL, accuracy_table, replace_files, score_pairs
+from eval import accuracy_table, score_pairs
 from runs import (check_run_dir, common_flags, load_reference, online_reference, open_run, pair_collate, read_data,
                   tokenize)
 from cache import reference_cache
@@ -160,7 +161,7 @@ def adapt_user(run_dir, name: str, data_file, *, out=None, reference: str | None
     `out`, a copy of the run (copy_run), leaving the run as it was.
 
     Saving rewrites user_model.safetensors, user_model.json and users.json; the LM is untouched. All or
-    nothing: everything is read and checked, and the row fitted, before the first write (eval.replace_files).
+    nothing: everything is read and checked, and the row fitted, before the first write (runs.replace_files).
     Returns the row, the losses' ends, and accuracy on those (training) pairs for e_0 and the new row.
     """
     if steps < 1 or batch_size < 1 or not lr > 0:
@@ -183,7 +184,7 @@ def adapt_user(run_dir, name: str, data_file, *, out=None, reference: str | None
                           batch_size=batch_size, seed=seed, desc=None if quiet else f"fitting {name}")
     after = row_accuracy(run, user_model, row, items, device, reference_fn)
     if out is None:
-        replace_files(Path(run_dir), lambda tmp: prlhf.save_user_model(tmp, user_model, registry))
+        runs.replace_files(Path(run_dir), lambda tmp: prlhf.save_user_model(tmp, user_model, registry))
     else:
         replace_directory(Path(out), lambda tmp: copy_run(Path(run_dir), tmp, user_model, registry))
     return {"user": name, "row": row, "pairs": len(items), "steps": steps, "first_loss": losses[0],
@@ -215,7 +216,7 @@ def copy_run(run_dir: Path, new: Path, user_model, registry: prlhf.UserRegistry)
                 pass
         return shutil.copy2(source, target)
 
-    shutil.copytree(run_dir, new, ignore=shutil.ignore_patterns("checkpoint", *prlhf.USER_MODEL_FILES, PARTIAL + "*"),
+    shutil.copytree(run_dir, new, ignore=shutil.ignore_patterns("checkpoint", *prlhf.USER_MODEL_FILES, runs.PARTIAL + "*"),
                     copy_function=link_or_copy, dirs_exist_ok=True)
     prlhf.save_user_model(new, user_model, registry)
 
@@ -240,7 +241,7 @@ def adapt_curve(run_dir, name: str, fit_pairs: list[data.Pair], held_pairs: list
         runs.atomic_write_json(result, tmp / "adapt_curve.json")
         plot_curve(points, name, tmp / "adapt_curve.png")
 
-    written = replace_files(Path(run_dir), write)
+    written = runs.replace_files(Path(run_dir), write)
     return result | {"plotted": Path(run_dir) / "adapt_curve.png" in written}
 
 
@@ -330,7 +331,7 @@ user of the built-in toy task. `python adapt.py users RUN_DIR` lists the learned
 
 
 def adapt_parser() -> argparse.ArgumentParser:
-    p = data.ArgumentParser(prog="adapt.py", description=ADAPT_HELP,
+    p = cli.ArgumentParser(prog="adapt.py", description=ADAPT_HELP,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", metavar="RUN_DIR", help="a pdpo or prm run with an individual or cluster user model")
     p.add_argument("--user", default=None, help="the new user's identifier")
@@ -339,7 +340,7 @@ def adapt_parser() -> argparse.ArgumentParser:
                    f"empty directory; {LINKED}), and leave RUN_DIR as it was (default: save into RUN_DIR)")
     p.add_argument("--curve", action="store_true", help="held-out accuracy against pairs seen (saves no row)")
     curve_flags(p)
-    batch = data.Number(int, 1)
+    batch = cli.Number(int, 1)
     p.add_argument("--batch-size", type=batch, default=8, help=f"pairs per step; {batch} (default: %(default)s)")
     common_flags(p)
     return p
@@ -347,17 +348,17 @@ def adapt_parser() -> argparse.ArgumentParser:
 
 def curve_flags(p: argparse.ArgumentParser):
     """Flags of a fit: adapt.py's, and examples/toy.py --curve's."""
-    steps, lr = data.Number(int, 1), data.Number(float, 0, above=True)
+    steps, lr = cli.Number(int, 1), cli.Number(float, 0, above=True)
     p.add_argument("--steps", type=steps, default=32, help=f"Adam steps per fit; {steps} (default: %(default)s)")
     p.add_argument("--lr", type=lr, default=0.05, help=f"learning rate of the new row; {lr} (default: %(default)s)")
 
 
 def users_parser() -> argparse.ArgumentParser:
-    p = data.ArgumentParser(prog="adapt.py users", description="The user registry, each user's cluster weights "
+    p = cli.ArgumentParser(prog="adapt.py users", description="The user registry, each user's cluster weights "
                                 "softmax(w_i) (cluster model), and each user's nearest neighbours by cosine "
                                 "similarity of their embeddings e_u (generic row 0 included).")
     p.add_argument("run", metavar="RUN_DIR", help="a run with a user model")
-    neighbours = data.Number(int, 1)
+    neighbours = cli.Number(int, 1)
     p.add_argument("--neighbours", type=neighbours, default=3,
                    help=f"neighbours listed per user; {neighbours} (default: %(default)s)")
     return p

@@ -14,18 +14,16 @@ In reading order:
   3. Tokenization   tokenize_pairs, with the truncation policy stated in its docstring
   4. Batching       make_batches: length-bucketed, seeded, shardable
   5. Collate        collate_pairs (P-DPO / P-RM) and collate_sft (supervised fine-tuning)
-  6. Command line   python data.py check FILE; one-line argparse errors and checked numeric flags (Number)
+  6. Command line   python data.py check FILE (its parser: cli.py)
 
 The paper's datasets are converted by prepare/ (python -m prepare.tldr, .psoups, .prism); the built-in toy
 tasks and the SmolLM2 experiment live in examples/.
 Only `tokenizers`, `numpy` and `torch` are used; nothing here touches the network.
 """
 
-import argparse
 import codecs
 import contextlib
 import json
-import math
 import os
 import sys
 import tempfile
@@ -38,6 +36,8 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer as BackendTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
+
+import cli
 
 
 class DataError(ValueError):
@@ -667,47 +667,8 @@ def write_split(out_dir, train: list[Pair], valid: list[Pair]) -> None:
         print(f"wrote {path}: {describe_pairs(pairs)}")
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors are one line, as the commands' other errors: `error: argument --p-long: got '1.5',
-    expected a number from 0 to 1 (see PROG --help)`; the usage block stays in --help."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
-
-
-@dataclass(frozen=True)
-class Number:
-    """The argparse type of a numeric flag: a finite int or float from `low` to `high` (None: unbounded).
-    str() says what is accepted, for the flag's --help and its error."""
-
-    kind: type = int
-    low: float | None = None
-    high: float | None = None
-    above: bool = False  # low itself refused: a rate, a share of probability mass (> 0)
-
-    def __str__(self) -> str:
-        noun = "an integer" if self.kind is int else "a number"
-        low = None if self.low is None else f"{'>' if self.above else '>='} {self.low}"
-        if low and self.high is not None:
-            return f"{noun} from {self.low} to {self.high}" if not self.above else f"{noun} {low} and <= {self.high}"
-        if low or self.high is not None:
-            return f"{noun} {low or '<= ' + str(self.high)}"
-        return noun
-
-    def __call__(self, text: str):
-        try:
-            value = self.kind(text)
-            low_ok = self.low is None or value > self.low or (value == self.low and not self.above)
-            ok = (self.kind is int or math.isfinite(value)) and low_ok and (self.high is None or value <= self.high)
-        except ValueError:
-            ok = False
-        if not ok:
-            raise argparse.ArgumentTypeError(f"got {text!r}, expected {self}")
-        return value
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = ArgumentParser(prog="data.py", description="Check a JSON Lines file of personalized preference pairs. "
+    parser = cli.ArgumentParser(prog="data.py", description="Check a JSON Lines file of personalized preference pairs. "
                                      "Converters for the paper's datasets: python -m prepare.{tldr,psoups,prism}; "
                                      "the toy tasks: python -m examples.toy.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -30,15 +30,14 @@ import contextlib
 import difflib
 import json
 import math
-import os
 import random
-import shutil
 import sys
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+import cli
 import data
 import distributed
 import model as lm
@@ -308,24 +307,6 @@ def generate_for_run(run: runs.Run, pairs: list[data.Pair], *, max_new_tokens, t
 
 
 CONSTRAINTS_OFF = dict(repetition_penalty=1.0, no_repeat_ngram_size=0, min_new_tokens=0)
-PARTIAL = ".prlhf-partial"  # the temporary directory replace_files writes into, inside the directory it fills
-
-
-def replace_files(directory: Path, write) -> list[Path]:
-    """write(tmp) into a temporary directory inside `directory`, then each file it wrote renamed into `directory`,
-    in name order; returns their paths there. A failure while writing leaves `directory` as it was."""
-    tmp = directory / f"{PARTIAL}.{os.getpid()}"
-    tmp.mkdir()
-    try:
-        write(tmp)
-        names = sorted(p.name for p in tmp.iterdir())
-        for name in names:
-            os.replace(tmp / name, directory / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return [directory / name for name in names]
-
-
 def evaluate_runs(run_dirs: list[str], data_file, *, out=None, reference: str | None = None,
                   samples_per_user: int = 4, max_new_tokens: int = 64, temperature: float = 0.0,
                   top_p: float | None = None, batch_size: int = 16, seed: int = 0, device: str = "auto",
@@ -371,7 +352,7 @@ def evaluate_runs(run_dirs: list[str], data_file, *, out=None, reference: str | 
         (tmp / "report.md").write_text(report.report_markdown(results, data_file, pairs, notes, plots, settings))
 
     out.mkdir(parents=True, exist_ok=True)
-    written = replace_files(out, write)
+    written = runs.replace_files(out, write)
     report.print_summary(results)
     report.print_written([f for f in written if f.suffix != ".png"], None if plots is None else
                          [str(f) for f in written if f.suffix == ".png"])
@@ -399,51 +380,9 @@ def evaluate_run(name, path, pairs, data_file, generate: dict, *, reference, dev
     results = run_results(run.args["stage"], records, gens)
     known = [it for it in runs.tokenize(run, pairs) if run.registry.row(it.user) != 0]
     results |= {"dtype": dtype, "training": report.training_summary(report.read_training(path)),  # users take hold?
-                "attention_to_user": attention_to_user(run, known)}
+                "attention_to_user": report.attention_to_user(run, known)}
     return (results, [{"run": name, **{k: g[k] for k in keep}} for g in gens],
             report.user_vectors(run.user_model, run.registry), notes)
-
-
-def attention_weights(attention: lm.Attention, x: torch.Tensor, cos, sin) -> torch.Tensor:
-    """softmax(q k^T / sqrt(hs)) of one causal attention layer on its input x (B, T, d): (B, nh, T, T), the
-    weights SDPA applies without returning them."""
-    cfg, (B, T, _) = attention.cfg, x.shape
-    q = attention.wq(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-    k = attention.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-    q, k = lm.apply_rotary(q, cos, sin, cfg.family), lm.apply_rotary(k, cos, sin, cfg.family)
-    k = k.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)  # (B, nh, T, hs)
-    scores = (q @ k.transpose(-1, -2)).float() / cfg.head_dim ** 0.5  # (B, nh, T, T)
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    return scores.masked_fill(~causal, float("-inf")).softmax(-1)
-
-
-@torch.no_grad()
-def attention_to_user(run: runs.Run, items: list, max_pairs: int = 32) -> list[float] | None:
-    """Per layer, the mean attention mass that the positions predicting a response token put on the T_u user
-    positions, in [BOS] [e_u] [user text] [prompt] [y_w] of up to max_pairs pairs: does the LM look at e_u?
-    Recomputed from each attention layer's inputs (SDPA returns no weights); None without user embedding."""
-    T_u = run.user_model.n_user_tokens if run.user_model is not None else 0
-    if T_u == 0 or not items:
-        return None
-    weights = []
-
-    def record(attention, args, _):  # args: x, cos, sin, mask, cache
-        weights.append(attention_weights(attention, *args[:3]))
-
-    hooks = [m.register_forward_hook(record) for m in run.model.modules() if isinstance(m, lm.Attention)]
-    device, per_pair = run.model.tok_embeddings.weight.device, []
-    try:
-        for it in items[:max_pairs]:
-            prefix = data.prefix_ids(run.tokenizer, it.prompt_ids, it.user_text_ids if run.pdpo.use_user_text else [])
-            weights.clear()
-            prlhf.user_conditioned_hidden(run.model, run.user_model, torch.tensor([prefix + it.chosen_ids], device=device),
-                                          run.registry.rows([it.user]).to(device))
-            start = T_u + len(prefix) - 1  # the position that predicts the first response token
-            per_pair.append([w[0, :, start:-1, 1:1 + T_u].sum(-1).mean().item() for w in weights])
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [sum(layer) / len(layer) for layer in zip(*per_pair)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,7 +391,7 @@ def attention_to_user(run: runs.Run, items: list, max_pairs: int = 32) -> list[f
 
 def sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int):
     """--max-new-tokens, --temperature, --top-p of eval.py and eval.py generate, each checked where parsed."""
-    longest, temperature, top_p = data.Number(int, 1), data.Number(float, 0), data.Number(float, 0, 1, above=True)
+    longest, temperature, top_p = cli.Number(int, 1), cli.Number(float, 0), cli.Number(float, 0, 1, above=True)
     p.add_argument("--max-new-tokens", type=longest, default=max_new_tokens,
                    help=f"longest answer; {longest} (default: %(default)s)")
     p.add_argument("--temperature", type=temperature, default=0.0,
@@ -462,7 +401,7 @@ def sampling_flags(p: argparse.ArgumentParser, max_new_tokens: int):
 
 
 def evaluate_parser() -> argparse.ArgumentParser:
-    p = data.ArgumentParser(prog="eval.py", description=__doc__,
+    p = cli.ArgumentParser(prog="eval.py", description=__doc__,
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             epilog="Subcommands: `eval.py generate --help` (answer as a user), `eval.py export --help` "
                                    "(for transformers + peft). New users: `python adapt.py --help`; the "
@@ -472,7 +411,7 @@ def evaluate_parser() -> argparse.ArgumentParser:
     p.add_argument("--baseline", default=None, metavar="OTHER_RUN_DIR",
                    help="a second run shown side by side (e.g. vanilla DPO against P-DPO)")
     p.add_argument("--out", default=None, help="where to write the report (default: RUN_DIR)")
-    count, positive, rate = data.Number(int, 0), data.Number(int, 1), data.Number(float, 0, above=True)
+    count, positive, rate = cli.Number(int, 0), cli.Number(int, 1), cli.Number(float, 0, above=True)
     p.add_argument("--samples-per-user", type=count, default=4,
                    help=f"prompts per user to generate responses for; 0 = no generation; {count} "
                         f"(default: %(default)s)")
@@ -546,7 +485,7 @@ def answer_as_users(run: runs.Run, run_dir: Path, users: list[str], prompt: str,
 
 
 def generate_parser() -> argparse.ArgumentParser:
-    p = data.ArgumentParser(prog="eval.py generate", description=(
+    p = cli.ArgumentParser(prog="eval.py generate", description=(
         "Answer a prompt as one or more users of a run, side by side. Unknown users get the generic embedding "
         "e_0, with a warning naming the closest known users (--strict: refused). Without --prompt, prompts are "
         "read from standard input, one per line, until end of file; none at all is an error."))
@@ -559,7 +498,7 @@ def generate_parser() -> argparse.ArgumentParser:
                    "explicit or both: [BOS] [e_u] [user text] [prompt]")
     p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
     sampling_flags(p, max_new_tokens=128)
-    seed = data.Number(int, 0)
+    seed = cli.Number(int, 0)
     p.add_argument("--seed", type=seed, default=0, help=f"seed of sampling; {seed} (default: 0)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
     runs.dtype_flag(p)

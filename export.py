@@ -37,6 +37,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import data
 import model as lm
 import prlhf
@@ -254,7 +255,7 @@ def export_run(run_dir, out_dir) -> list[str]:
 
 
 def main(argv=None):
-    p = data.ArgumentParser(prog="export.py", description="Export a LoRA run for transformers + peft: "
+    p = cli.ArgumentParser(prog="export.py", description="Export a LoRA run for transformers + peft: "
                             "adapters in PEFT's format and the users' embeddings e_u (docs/huggingface.md). "
                             "All or nothing: everything is checked before the first write, and OUT appears only "
                             "when complete.")

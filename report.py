@@ -1,8 +1,10 @@
 """The report of an evaluation (`python eval.py RUN --data F`): report.md, plots and the printed summary.
 
-eval.py scores and samples the runs; this file only lays out what it measured: markdown tables side by
-side (accuracy with 95% Wilson intervals, response lengths, generation quality, by group and by user), and
-plots (accuracy per user, response lengths, the learned user embeddings on two principal components).
+eval.py scores and samples the runs; this file lays out what it measured: markdown tables side by side (accuracy
+with 95% Wilson intervals, response lengths, generation quality, by group and by user), and plots (accuracy per
+user, response lengths, the learned user embeddings on two principal components). It also measures whether the
+users take hold, where that is read: train.py's per-step norms and per-user accuracy, and the LM's attention to
+the user positions (attention_to_user).
 matplotlib is optional: without it the report says the plots were skipped.
 """
 from __future__ import annotations
@@ -14,6 +16,7 @@ from pathlib import Path
 import torch
 
 import data
+import model as lm
 import prlhf
 
 
@@ -114,6 +117,48 @@ def user_model_norms(user_model) -> dict:
         else:
             out[f"grad_{name}"] = grad.norm().item()
     return out
+
+
+def attention_weights(attention: lm.Attention, x: torch.Tensor, cos, sin) -> torch.Tensor:
+    """softmax(q k^T / sqrt(hs)) of one causal attention layer on its input x (B, T, d): (B, nh, T, T), the
+    weights SDPA applies without returning them."""
+    cfg, (B, T, _) = attention.cfg, x.shape
+    q = attention.wq(x).view(B, T, cfg.n_heads, cfg.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+    k = attention.wk(x).view(B, T, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+    q, k = lm.apply_rotary(q, cos, sin, cfg.family), lm.apply_rotary(k, cos, sin, cfg.family)
+    k = k.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)  # (B, nh, T, hs)
+    scores = (q @ k.transpose(-1, -2)).float() / cfg.head_dim ** 0.5  # (B, nh, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+    return scores.masked_fill(~causal, float("-inf")).softmax(-1)
+
+
+@torch.no_grad()
+def attention_to_user(run, items: list, max_pairs: int = 32) -> list[float] | None:
+    """Per layer, the mean attention mass that the positions predicting a response token put on the T_u user
+    positions, in [BOS] [e_u] [user text] [prompt] [y_w] of up to max_pairs pairs: does the LM look at e_u?
+    Recomputed from each attention layer's inputs (SDPA returns no weights); None without user embedding."""
+    T_u = run.user_model.n_user_tokens if run.user_model is not None else 0
+    if T_u == 0 or not items:
+        return None
+    weights = []
+
+    def record(attention, args, _):  # args: x, cos, sin, mask, cache
+        weights.append(attention_weights(attention, *args[:3]))
+
+    hooks = [m.register_forward_hook(record) for m in run.model.modules() if isinstance(m, lm.Attention)]
+    device, per_pair = run.model.tok_embeddings.weight.device, []
+    try:
+        for it in items[:max_pairs]:
+            prefix = data.prefix_ids(run.tokenizer, it.prompt_ids, it.user_text_ids if run.pdpo.use_user_text else [])
+            weights.clear()
+            prlhf.user_conditioned_hidden(run.model, run.user_model, torch.tensor([prefix + it.chosen_ids], device=device),
+                                          run.registry.rows([it.user]).to(device))
+            start = T_u + len(prefix) - 1  # the position that predicts the first response token
+            per_pair.append([w[0, :, start:-1, 1:1 + T_u].sum(-1).mean().item() for w in weights])
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [sum(layer) / len(layer) for layer in zip(*per_pair)]
 
 
 def read_training(run_dir) -> list[dict]:

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+import cli
 import data
 import model as lm
 import prlhf
@@ -72,6 +73,24 @@ def pick_precision(precision: str, device: str) -> str:
 
 # ----------------------------------------------------------------------------------------------
 # Atomic files: written under a temporary name, then renamed, so a crash never leaves half a file
+
+
+PARTIAL = ".prlhf-partial"  # the temporary directory replace_files writes into, inside the directory it fills
+
+
+def replace_files(directory: Path, write) -> list[Path]:
+    """write(tmp) into a temporary directory inside `directory`, then each file it wrote renamed into `directory`,
+    in name order; returns their paths there. A failure while writing leaves `directory` as it was."""
+    tmp = directory / f"{PARTIAL}.{os.getpid()}"
+    tmp.mkdir()
+    try:
+        write(tmp)
+        names = sorted(p.name for p in tmp.iterdir())
+        for name in names:
+            os.replace(tmp / name, directory / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return [directory / name for name in names]
 
 
 def atomic_save_tensors(tensors: dict, file: Path, metadata: dict | None = None):
@@ -291,7 +310,7 @@ def common_flags(p: argparse.ArgumentParser):
     p.add_argument("--reference", default=None,
                    help="pi_ref, the run's starting model (default: 'model' in the run's args.json)")
     p.add_argument("--device", default="auto", help="cpu, cuda, or auto (default: %(default)s)")
-    seed = data.Number(int, 0)
+    seed = cli.Number(int, 0)
     p.add_argument("--seed", type=seed, default=0, help=f"seed of prompt choice, sampling, data order; {seed} "
                    f"(default: 0)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")

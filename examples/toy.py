@@ -19,6 +19,7 @@ import sys
 from pathlib import Path
 
 import adapt
+import cli
 import data
 import eval as evaluation
 import runs
@@ -240,7 +241,7 @@ def toy_curve(run_dir, name: str = "toy_new_user", held_out: int = 40, seed: int
 
 
 def main(argv=None) -> int:
-    p = data.ArgumentParser(prog="python -m examples.toy", description="Write a built-in toy task's train.jsonl and "
+    p = cli.ArgumentParser(prog="python -m examples.toy", description="Write a built-in toy task's train.jsonl and "
                             "valid.jsonl; or, with --curve RUN_DIR, adapt a fresh toy user to a run from 1, 4, 16 and "
                             "64 pairs.")
     p.add_argument("--out", help="output directory (required unless --curve)")
@@ -250,7 +251,7 @@ def main(argv=None) -> int:
     p.add_argument("--curve", metavar="RUN_DIR", help="held-out accuracy of a fresh toy user (--user, default "
                    "toy_new_user) after 1, 4, 16, 64 pairs, against e_0; writes RUN_DIR/adapt_curve.json")
     p.add_argument("--user", default="toy_new_user", help="the fresh user's name, with --curve")
-    held_out = data.Number(int, 1)
+    held_out = cli.Number(int, 1)
     p.add_argument("--held-out", type=held_out, default=40,
                    help=f"held-out pairs of the toy user, {held_out} (default: %(default)s)")
     adapt.curve_flags(p)

@@ -171,11 +171,11 @@ def more_answers(run_dir: Path, name: str, per_user: int) -> dict:
 
 def probe(run_dir: Path, task: F.Task) -> dict:
     """Per-group training accuracy by fifth of training and the norms (report.training_summary), and the
-    attention from response positions to the user positions (eval.attention_to_user), known users' pairs."""
+    attention from response positions to the user positions (report.attention_to_user), known users' pairs."""
     run = runs.load_run(run_dir)
     items, _ = data.tokenize_pairs([p for p in task.valid if p.group != "unseen"], run.tokenizer, 96, 32)
     return {**report.training_summary(report.read_training(run_dir)),
-            "attention_to_user": evaluation.attention_to_user(run, items)}
+            "attention_to_user": report.attention_to_user(run, items)}
 
 
 # ----------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import data
+import cli
 from data import DataError, Pair, json_field, json_type, read_jsonl_records
 from prepare import convert_and_write
 
@@ -257,7 +257,7 @@ def prism_to_pairs(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = data.ArgumentParser(prog="python -m prepare.prism",
+    p = cli.ArgumentParser(prog="python -m prepare.prism",
                             description="PRISM survey.jsonl + conversations.jsonl -> pairs with user text")
     p.add_argument("--dir", required=True, help="folder with PRISM's survey.jsonl and conversations.jsonl")
     p.add_argument("--out", required=True, help="output directory")
@@ -265,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "which three stated_prefs attributes the user text names: top-rated (default), the three the user "
         "rated highest; shown-first, the reference code's, the three shown first (order_stated_prefs 1-3, "
         "a random display order per PRISM's codebook, not a ranking)"))
-    max_prompt_chars, seed = data.Number(int, 1), data.Number(int, 0)
+    max_prompt_chars, seed = cli.Number(int, 1), cli.Number(int, 0)
     p.add_argument("--max-prompt-chars", type=max_prompt_chars, default=1500, help=(
         "characters of user text + prompt (the reference code's 1500, about 500 tokens); earlier turns are cut "
         f"from the left, the current user message is kept whole; {max_prompt_chars} (default: %(default)s)"))

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+import cli
 import data
 from data import DataError, Pair, json_type, read_jsonl_records
 from prepare import convert_and_write
@@ -117,11 +118,11 @@ def psoups_to_pairs(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = data.ArgumentParser(prog="python -m prepare.psoups",
+    p = cli.ArgumentParser(prog="python -m prepare.psoups",
                             description="Personalized Soups rm_training/P1A.json..P3B.json -> pairs")
     p.add_argument("--dir", required=True, help="the P-SOUPS data/rm_training directory")
     p.add_argument("--out", required=True, help="output directory")
-    seed = data.Number(int, 0)
+    seed = cli.Number(int, 0)
     p.add_argument("--seed", type=seed, default=0, help=f"seed of the split by question; {seed} (default: %(default)s)")
     args = p.parse_args(argv)
     return convert_and_write(lambda: psoups_to_pairs(args.dir, seed=args.seed), args.out)

@@ -14,7 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from typing import Sequence
 
-import data
+import cli
 from data import DataError, Pair, json_field, json_type, read_jsonl_records
 from prepare import convert_and_write
 
@@ -215,12 +215,12 @@ def tldr_to_pairs(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = data.ArgumentParser(prog="python -m prepare.tldr",
+    p = cli.ArgumentParser(prog="python -m prepare.tldr",
                             description="summarize_from_feedback comparisons -> conflicting length preferences")
     p.add_argument("--comparisons", nargs="+", required=True, help="comparison JSON Lines files (training)")
     p.add_argument("--valid", nargs="*", default=[], help="validation files; default: each record's 'split'")
     p.add_argument("--out", required=True, help="output directory")
-    n_users, p_long, seed = data.Number(int, 1), data.Number(float, 0, 1), data.Number(int, 0)
+    n_users, p_long, seed = cli.Number(int, 1), cli.Number(float, 0, 1), cli.Number(int, 0)
     p.add_argument("--n-users", type=n_users, default=10,
                    help=f"known users = top workers by count (paper: 10, 40); {n_users} (default: %(default)s)")
     p.add_argument("--p-long", type=p_long, default=0.7,

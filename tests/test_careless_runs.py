@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import adapt as A
+import cli
 import data
 import eval as E
 import export
@@ -90,7 +91,7 @@ def test_every_numeric_flag_is_checked_and_its_help_gives_the_range(parser):
     checked = set()
     for action in parser()._actions:
         assert action.type not in (int, float), action.option_strings  # a bare int() or float() takes -1, nan
-        if isinstance(action.type, data.Number):
+        if isinstance(action.type, cli.Number):
             assert str(action.type) in action.help % {"default": action.default}, action.option_strings
             checked.add((action.option_strings[0], str(action.type)))
     prog = parser().prog

@@ -560,7 +560,7 @@ def test_attention_weights_are_the_ones_sdpa_applies(runs):
     attention = run.model.layers[0].attention
     x = torch.randn(2, 7, run.model.config.hidden_size)
     cos, sin = lm.rope_cos_sin(torch.arange(7)[None].expand(2, 7), lm.rope_inv_freq(run.model.config), x.dtype)
-    w = E.attention_weights(attention, x, cos, sin)  # (B, nh, T, T)
+    w = report.attention_weights(attention, x, cos, sin)  # (B, nh, T, T)
     cfg = run.model.config
     v = attention.wv(x).view(2, 7, cfg.n_kv_heads, cfg.head_dim).transpose(1, 2)
     v = v.repeat_interleave(cfg.n_heads // cfg.n_kv_heads, dim=1)  # (B, nh, T, hs)
