@@ -96,7 +96,8 @@ def make_questions(n: int) -> list[str]:
 #   A-pole user and, 3 times in 7, a B-pole user too (70/30); each held-out prompt by every user of each;
 # - LoRA and P-DPO as in the length example (examples/smollm2.py SMOLLM2, docs/experiments/smollm2.md), but
 #   one epoch, not two: a step of 8 pairs took 6-25 s on the shared 2-core CPU of 2026-12-08 (45 steps an
-#   arm); two epochs, tried on one seed, helped P3A only (docs/experiments/psoups.md, 2026-12-08).
+#   arm); two epochs raised held-out accuracy on seeds 0 and 1, not the answers' win rates
+#   (docs/experiments/psoups.md, 2026-12-08).
 PSOUPS = dict(
     train_prompts=100, valid_prompts=36, share=0.7, max_new_tokens=64, no_repeat_ngram_size=3,
     train=dict(stage="pdpo", lora_r=8, lora_alpha=16.0, lora_dropout=0.0, lr=1e-3, user_lr=0.01, beta=0.5,
