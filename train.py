@@ -505,6 +505,18 @@ def save(t: Training, train_s: float):
         runs.atomic_write_json({**t.timing, "train_s": train_s}, t.out / "timing.json")
 
 
+def finish(t: Training, train_s: float) -> dict:
+    """The final run directory (save), its evaluation on --valid (eval.json, the summary returned), and a line
+    listing what the run directory holds."""
+    save(t, train_s)
+    summary = evaluate(t) if t.valid_items and t.cfg.stage != "sft" else {}
+    if summary and t.dist.rank == 0:
+        runs.atomic_write_json(summary, t.out / "eval.json")
+    if not t.cfg.quiet:
+        tqdm.write(f"wrote {t.out}: " + ", ".join(sorted(p.name + "/" * p.is_dir() for p in t.out.iterdir())))
+    return summary
+
+
 # ----------------------------------------------------------------------------------------------
 # The training loop
 
@@ -587,11 +599,7 @@ def train(cfg: TrainConfig) -> dict:
                 write_resume_checkpoint(t)
     t.bar.close()
     write_resume_checkpoint(t)
-    save(t, time.perf_counter() - t.start)
-    summary = evaluate(t) if t.valid_items and cfg.stage != "sft" else {}
-    if summary and dist.rank == 0:
-        runs.atomic_write_json(summary, t.out / "eval.json")
-    return summary
+    return finish(t, time.perf_counter() - t.start)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+import cli
 import data
 import eval as evaluation
 import model as lm
@@ -403,15 +404,17 @@ def print_psoups_table(results: dict):
 # ----------------------------------------------------------------------------------------------------
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m examples.psoups", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = cli.ArgumentParser(prog="python -m examples.psoups", description=__doc__,
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--users", default="profiles", choices=["profiles", "composite", "user-info"],
                    help="profiles: six users, one per P-SOUPS profile, 70/30 per dimension; composite: eight users "
                         "with one pole per dimension; user-info: implicit / explicit / both with self-descriptions, "
                         "seen and unseen users (default: %(default)s)")
     p.add_argument("--eval-prompts", default="", metavar="FILE",
                    help="also answer these prompts (a JSON list of {\"prompt\": ...}) and report win rates on them")
-    p.add_argument("--seed", type=int, default=0, help="split, judges, initialisation and data order (default 0)")
+    seed = cli.Number(int, 0)
+    p.add_argument("--seed", type=seed, default=0, help=f"split, judges, initialisation and data order, {seed} "
+                   "(default 0)")
     p.add_argument("--out", default="runs/psoups", help="run directory (default: %(default)s)")
     p.add_argument("--answers", default="", metavar="FILE",
                    help="the sampled answers' cache, shared by seeds (default: OUT/answers-PRECISION.json)")
