@@ -37,10 +37,10 @@ import cache
 import data
 import distributed
 import eval as evaluation
+import lora
 import model as lm
 import prlhf
 import report
-import lora
 import runs
 from prlhf import option
 
